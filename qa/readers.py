@@ -313,10 +313,11 @@ def _convert(path: Path, rows: Iterable[tuple[str, Any]], fmt: str) -> Iterator[
         if not isinstance(row, dict):
             raise ValueError(f"{path}: {location}: expected a JSON object, got {type(row).__name__}")
         try:
-            yield convert(row, index)
+            record = convert(row, index)
         except (KeyError, TypeError, ValueError, IndexError) as error:
             reason = f"missing field {error}" if isinstance(error, KeyError) else str(error)
             raise ValueError(f"{path}: {location}: malformed {fmt} record: {reason}") from error
+        yield record
 
 
 def read_records(path: str | Path, fmt: str = "auto") -> Iterator[QARecord]:

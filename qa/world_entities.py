@@ -240,7 +240,9 @@ def _organisations(rng: random.Random, forge: NameForge, n: int, cities: list[Ci
 def _film_title(rng: random.Random, forge: NameForge, cities: list[City]) -> str:
     while True:
         pattern = rng.choice(FILM_PATTERNS)
+        if pattern == "{w}":
+            return forge.word()  # a fresh word is already reserved and unique
         word = rng.choice(cities).name if rng.random() < 0.1 else forge.word()
         title = pattern.format(w=word)
-        if title != word and forge.claim(title):
+        if forge.claim(title):
             return title

@@ -1,0 +1,48 @@
+"""The ReSearch reward (paper Eq. 2): F1 of the boxed answer when the format is valid, 0.1 for a valid format with
+F1 = 0, and 0 for an invalid format. Pure text in, float out: a malformed model output is a scored trajectory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypedDict
+
+from actors.tags import extract_answer, is_valid_format
+from qa import scoring
+
+FORMAT_REWARD = 0.1
+"""Reward for a well-formed response whose answer shares no token with any golden answer (Eq. 2)."""
+
+
+class ScoreDetails(TypedDict):
+    """Everything the reward is made of, for metrics: the reward itself and the parts that explain it."""
+
+    format_valid: bool
+    answer: str | None
+    f1: float
+    em: float
+    reward: float
+
+
+def score_details(
+    response_text: str, golden_answers: Sequence[str] | str, finished: bool = True
+) -> ScoreDetails:
+    """Format validity, extracted answer, F1, EM and the Eq. 2 reward of one response."""
+    format_valid = is_valid_format(response_text, finished)
+    # Answer metrics are reported even when the format is invalid: "right answer, broken format" is a diagnosis
+    # worth seeing on the dashboard, although Eq. 2 gives it no reward.
+    answer = extract_answer(response_text)
+    f1 = scoring.f1(answer, golden_answers) if answer is not None else 0.0
+    em = scoring.exact_match(answer, golden_answers) if answer is not None else 0.0
+    if not format_valid:
+        reward = 0.0
+    elif f1 > 0.0:
+        reward = f1
+    else:
+        reward = FORMAT_REWARD
+    return ScoreDetails(format_valid=format_valid, answer=answer, f1=f1, em=em, reward=reward)
+
+
+def compute_score(response_text: str, golden_answers: Sequence[str] | str, finished: bool = True) -> float:
+    """Paper Eq. 2: 0 if the format is invalid, else the answer's F1, or 0.1 when that F1 is 0."""
+    return score_details(response_text, golden_answers, finished)["reward"]

@@ -1,0 +1,148 @@
+"""GRPO math: group-normalised advantages, the clipped surrogate, KL to the reference, loss aggregation.
+
+Everything here works on plain tensors laid out (B, T): B sequences (group by group, `group_size` samples of
+one prompt next to each other), T response tokens. The learner computes `logprobs` with the current policy,
+brings `old_logprobs` (the behaviour policy that sampled the tokens) and `ref_logprobs` (the frozen reference),
+and `mask` says which tokens get gradient (1 on generated tokens, 0 on padding and on retrieved passages).
+Nothing here knows about search, tags or prompts.
+
+Conventions follow TRL 1.16 `GRPOTrainer` (the parity peer of tests/unit/test_grpo_parity.py):
+- the group std is the unbiased (Bessel-corrected) one, as in TRL's `nanstd` and verl's `torch.std`;
+- "k3" KL is not clamped, and neither is the ratio (TRL clamps neither; verl clamps both);
+- a sequence whose mask is all zero contributes zero loss but still counts in the number of sequences, so the
+  per-sequence modes divide by the constant batch size (TRL; verl 0.9.1 instead leaves such rows out).
+Left out on purpose: dual-clip PPO (verl's clip_ratio_c), sequence-level ratios (GSPO) and an entropy bonus;
+the paper uses none of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale_by_std: bool = True
+) -> torch.Tensor:
+    """Per-sequence advantage (r - mean_group) / (std_group + eps); `scale_by_std=False` gives Dr. GRPO's r - mean."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (one scalar per sequence), got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.float().view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    advantages = grouped - mean
+    if scale_by_std:
+        # A group of one has no spread to measure: its advantage is 0 either way (TRL does the same).
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+        advantages = advantages / (std + eps)
+    return advantages.view(-1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) on policy samples: "k1" (logp - ref) or "k3" (low variance)."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k3":
+        # Schulman's k3: unbiased like k1 but never negative, so single tokens cannot push the KL term below 0.
+        log_ratio = ref_logprobs - logprobs
+        return torch.exp(log_ratio) - log_ratio - 1
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the tokens where `mask` is nonzero; 0 when there are none."""
+    mask = mask.bool()
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def aggregate(
+    loss_mat: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", max_length: int | None = None
+) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to a scalar over unmasked tokens, in one of AGGREGATIONS.
+
+    "token-mean": every unmasked token in the batch weighs the same. "seq-mean-token-mean": mean over tokens
+    within a sequence, then over the B sequences. "seq-mean-token-sum-norm" (Dr. GRPO): token sums divided by
+    the constant `max_length` (default T), then mean over the B sequences. Empty rows contribute 0.
+    """
+    mask = mask.bool()
+    # where, not multiply: a stray inf/NaN on a masked position must not reach the sum (inf * 0 is NaN).
+    masked_loss = torch.where(mask, loss_mat, 0.0)
+    if agg == "token-mean":
+        return masked_loss.sum() / mask.sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        token_counts = mask.sum(dim=-1).clamp(min=1)
+        return (masked_loss.sum(dim=-1) / token_counts).mean()
+    if agg == "seq-mean-token-sum-norm":
+        horizon = loss_mat.shape[-1] if max_length is None else max_length
+        # A constant normaliser keeps long and short answers from being weighted by their length (Dr. GRPO).
+        return masked_loss.sum(dim=-1).mean() / horizon
+    raise ValueError(f"unknown aggregation {agg!r}; expected one of {AGGREGATIONS}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    agg: str = "token-mean",
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    clip_high: float | None = None,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO loss: clipped surrogate on the ratio to the behaviour policy, plus kl_coef * KL to the reference.
+
+    Returns the scalar loss to minimise and float metrics: policy_loss, kl_loss (kl_coef times the aggregated
+    KL, 0 when not applied), clip_fraction, approx_kl (k3 estimate of KL(behaviour || current), i.e. the
+    masked mean of (ratio - 1) - log(ratio), as CleanRL logs it), and, when their inputs are given, ref_kl
+    (masked token mean of the chosen estimator) and entropy (masked token mean).
+    """
+    if not (logprobs.shape == old_logprobs.shape == mask.shape) or logprobs.dim() != 2:
+        raise ValueError(
+            f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
+            f"{tuple(mask.shape)} must share one (B, T) shape"
+        )
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {agg!r}; expected one of {AGGREGATIONS}")
+    mask = mask.bool()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)  # one advantage per sequence, shared by all its tokens
+    clip_low = clip
+    clip_high = clip if clip_high is None else clip_high
+
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    surrogate = -advantages * ratio
+    clipped_surrogate = -advantages * clipped_ratio
+    # The pessimistic (larger) loss of the two: the update gains nothing by moving the ratio past the clip.
+    per_token_loss = torch.maximum(surrogate, clipped_surrogate)
+    pg_loss = aggregate(per_token_loss, mask, agg, max_length)
+
+    loss = pg_loss
+    kl_loss = torch.zeros((), dtype=pg_loss.dtype, device=pg_loss.device)
+    ref_kl = None
+    if ref_logprobs is not None:
+        ref_kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+        if kl_coef > 0:
+            kl_loss = kl_coef * aggregate(ref_kl, mask, agg, max_length)
+            loss = pg_loss + kl_loss
+
+    with torch.no_grad():
+        metrics = {
+            "policy_loss": pg_loss.item(),
+            "kl_loss": kl_loss.item(),
+            "clip_fraction": masked_mean((clipped_surrogate > surrogate).float(), mask).item(),
+            "approx_kl": masked_mean(kl_penalty(old_logprobs, logprobs, "k3"), mask).item(),
+        }
+        if ref_kl is not None:
+            metrics["ref_kl"] = masked_mean(ref_kl, mask).item()
+        if entropy is not None:
+            metrics["entropy"] = masked_mean(entropy, mask).item()
+    return loss, metrics

@@ -1,0 +1,248 @@
+"""The FastAPI retrieval service: Search-R1's /retrieve and ReSearch's /batch_search and /search on one index.
+
+Both projects' clients work unchanged:
+    POST /retrieve      {"queries": [...], "topk": k, "return_scores": bool}
+                        -> {"result": [[{"document": {"id", "contents"}, "score": s}, ...], ...]}
+                           (without return_scores: {"result": [[{"id", "contents"}, ...], ...]})
+    POST /batch_search  {"query": [...], "top_n": k, "return_score": bool}
+                        -> [[{"id", "contents"}, ...], ...]   or   [that, [[score, ...], ...]]
+    POST /search        {"query": "...", "top_n": k, "return_score": bool}
+                        -> [{"id", "contents"}, ...]          or   [that, [score, ...]]
+    GET  /health        200 {"status": "ready", ...} once the index is loaded, 503 before
+    GET  /metrics       Prometheus text
+Every input problem is a 4xx with a reason: too many queries, too long a query, top-k out of range, too large a body,
+malformed JSON, a missing or wrong bearer token. An empty query is answered like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from retrieval_service.batcher import MicroBatcher, SearchMetrics
+from retrieval_service.config import RetrievalConfig
+from retrieval_service.retriever import Hit, Retriever
+
+
+class RetrieveRequest(BaseModel):
+    """Search-R1's request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    queries: list[str] = Field(description="Queries to search.")
+    topk: int | None = Field(None, description="Passages per query; unset or 0 = the service default.")
+    return_scores: bool = Field(False, description="Wrap each passage as {document, score}.")
+
+
+class BatchSearchRequest(BaseModel):
+    """ReSearch's (FlashRAG's) batch request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: list[str] = Field(description="Queries to search.")
+    top_n: int | None = Field(None, description="Passages per query; unset = the service default.")
+    return_score: bool = Field(False, description="Answer [passages, scores] instead of passages.")
+
+
+class SearchRequest(BaseModel):
+    """ReSearch's (FlashRAG's) single-query request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: str = Field(description="The query.")
+    top_n: int | None = Field(None, description="Passages; unset = the service default.")
+    return_score: bool = Field(False, description="Answer [passages, scores] instead of passages.")
+
+
+class BodySizeLimit:
+    """ASGI middleware: reads at most `max_bytes` of a request body, else answers 413 before the app sees it."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._reject(send, "request body larger than the limit" if declared.isdigit() else "bad Content-Length")
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._reject(send, "request body larger than the limit")
+                return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send: Callable, reason: str) -> None:
+        payload = json.dumps({"detail": f"{reason} ({self.max_bytes} bytes)"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _document(hit: Hit) -> dict[str, str]:
+    return {"id": hit.document.get("id", ""), "contents": hit.document.get("contents", "")}
+
+
+def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> FastAPI:
+    """The service app; loads the index from config.index_dir at startup unless a loaded retriever is given."""
+    server = config.server
+    metrics = SearchMetrics()
+    state: dict[str, Any] = {"batcher": None, "error": None}
+
+    async def load() -> None:
+        try:
+            loaded = retriever
+            if loaded is None:
+                if not config.index_dir:
+                    raise ValueError("retrieval.index_dir is not set")
+                loaded = await asyncio.to_thread(Retriever, config.index_dir, config.encoder, server.faiss_gpu)
+            batcher = MicroBatcher(
+                loaded,
+                metrics,
+                max_batch=server.micro_batch_max_size,
+                max_wait_ms=server.micro_batch_max_wait_ms,
+                cache_size=server.cache_size,
+                enabled=server.micro_batching,
+            )
+            batcher.start()
+            state["batcher"] = batcher
+        except Exception as error:  # reported by /health; the process stays up to say why
+            state["error"] = f"{type(error).__name__}: {error}"
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if server.faiss_threads:
+            import faiss
+
+            faiss.omp_set_num_threads(server.faiss_threads)
+        loading = asyncio.create_task(load())
+        yield
+        loading.cancel()
+        if state["batcher"] is not None:
+            await state["batcher"].stop()
+        if retriever is None and state["batcher"] is not None:
+            state["batcher"].retriever.close()
+
+    app = FastAPI(title="ReSearch retrieval service", lifespan=lifespan)
+    app.state.metrics = metrics
+    # Added before the counting middleware, so it sits inside it and rejected bodies are still counted.
+    app.add_middleware(BodySizeLimit, max_bytes=server.max_body_bytes)
+
+    async def authorized(request: Request) -> None:
+        if server.auth_token is None:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {server.auth_token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise HTTPException(status_code=401, detail="missing or wrong bearer token")
+
+    def ready_batcher() -> MicroBatcher:
+        if state["batcher"] is None:
+            raise HTTPException(status_code=503, detail=state["error"] or "index is still loading")
+        return state["batcher"]
+
+    def resolve_topk(requested: int | None) -> int:
+        if requested is None or requested == 0:
+            return config.topk
+        if not 1 <= requested <= server.max_topk:
+            raise HTTPException(status_code=422, detail=f"top-k must be between 1 and {server.max_topk}")
+        return requested
+
+    def check_queries(queries: list[str]) -> None:
+        if len(queries) > server.max_queries_per_request:
+            raise HTTPException(
+                status_code=413, detail=f"{len(queries)} queries; at most {server.max_queries_per_request} per request"
+            )
+        for i, query in enumerate(queries):
+            if len(query) > server.max_query_chars:
+                raise HTTPException(
+                    status_code=422, detail=f"query {i} has {len(query)} characters; at most {server.max_query_chars}"
+                )
+
+    async def run(queries: list[str], topk: int | None) -> list[list[Hit]]:
+        batcher = ready_batcher()
+        check_queries(queries)
+        return await batcher.search(queries, resolve_topk(topk))
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        endpoint = request.url.path if request.url.path in _KNOWN_PATHS else "other"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+        return JSONResponse(status_code=500, content={"detail": f"internal error: {type(error).__name__}"})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state["batcher"] is None:
+            status = "error" if state["error"] else "loading"
+            return JSONResponse(status_code=503, content={"status": status, "detail": state["error"]})
+        meta = state["batcher"].retriever.index.meta
+        return JSONResponse(
+            {"status": "ready", "count": meta.count, "encoder": meta.encoder, "factory": meta.factory, "dim": meta.dim}
+        )
+
+    @app.get("/metrics", dependencies=[Depends(authorized)])
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/retrieve", dependencies=[Depends(authorized)])
+    async def retrieve(request: RetrieveRequest) -> dict[str, Any]:
+        found = await run(request.queries, request.topk)
+        if request.return_scores:
+            return {"result": [[{"document": _document(h), "score": h.score} for h in hits] for hits in found]}
+        return {"result": [[_document(h) for h in hits] for hits in found]}
+
+    @app.post("/batch_search", dependencies=[Depends(authorized)])
+    async def batch_search(request: BatchSearchRequest) -> list[Any]:
+        found = await run(request.query, request.top_n)
+        documents = [[_document(h) for h in hits] for hits in found]
+        if request.return_score:
+            return [documents, [[h.score for h in hits] for hits in found]]
+        return documents
+
+    @app.post("/search", dependencies=[Depends(authorized)])
+    async def search(request: SearchRequest) -> list[Any]:
+        hits = (await run([request.query], request.top_n))[0]
+        documents = [_document(h) for h in hits]
+        if request.return_score:
+            return [documents, [h.score for h in hits]]
+        return documents
+
+    return app
+
+
+_KNOWN_PATHS = {"/retrieve", "/batch_search", "/search", "/health", "/metrics"}

@@ -1,0 +1,117 @@
+"""The typed config: presets load, overrides apply, unknown keys and wrong types name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import CONFIGS_DIR, ConfigError, JobConfig, build_config, load_config, parse_override
+
+PRESETS = sorted(CONFIGS_DIR.glob("*.yaml"))
+
+
+def test_every_preset_loads() -> None:
+    assert {p.stem for p in PRESETS} >= {
+        "test-tiny", "demo-cpu", "qwen2.5-7b-instruct", "qwen2.5-7b-base", "qwen2.5-32b-instruct"
+    }
+    for preset in PRESETS:
+        config = load_config(preset)
+        assert isinstance(config, JobConfig)
+        assert config.name == preset.stem
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b-instruct", "qwen2.5-7b-base", "qwen2.5-32b-instruct"])
+def test_paper_presets_hold_the_paper_settings(name: str) -> None:
+    config = load_config(name)
+    assert config.learner.lr == 1e-6
+    assert config.trainer.batch_size == 256
+    assert config.rollout.group_size == 5
+    assert config.rollout.sampling.temperature == 1.0
+    assert config.learner.grpo.kl_coef == 0.001 and config.learner.grpo.kl_estimator == "k3"
+    assert config.learner.grpo.clip == 0.2
+    assert config.trainer.epochs == 2
+    assert config.rollout.max_prompt_tokens == 512
+    assert config.rollout.sampling.max_response_tokens == 8192
+    assert config.retrieval.topk == 5
+    assert config.retrieval.encoder.name_or_path == "intfloat/e5-base-v2"
+    assert config.rollout.prompt_template == ("base" if name.endswith("base") else "instruct")
+    # rollout engines use as many GPUs as their tensor-parallel degree
+    assert config.rollout.gpus_per_actor == config.rollout.engine.tensor_parallel_size
+
+
+def test_overrides_apply_with_yaml_types() -> None:
+    config = load_config(
+        "test-tiny", ["learner.lr=3e-5", "rollout.sampling.temperature=0", "trainer.max_staleness=1",
+                      "retrieval.urls=[http://127.0.0.1:1, http://127.0.0.1:2]", "learner.adam_betas=[0.9, 0.95]"]
+    )
+    assert config.learner.lr == 3e-5
+    assert config.rollout.sampling.temperature == 0
+    assert config.trainer.max_staleness == 1
+    assert config.retrieval.urls == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert config.learner.adam_betas == (0.9, 0.95)
+
+
+def test_unknown_override_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"learner\.lrr"):
+        load_config("test-tiny", ["learner.lrr=1"])
+    with pytest.raises(ConfigError, match=r"rollout\.sampling\.temprature"):
+        load_config("test-tiny", ["rollout.sampling.temprature=1"])
+    with pytest.raises(ConfigError, match=r"nosuchsection"):
+        load_config("test-tiny", ["nosuchsection.x=1"])
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("learner:\n  zero_stag: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'learner\.zero_stag'"):
+        load_config(path)
+
+
+def test_wrong_type_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"trainer\.batch_size"):
+        load_config("test-tiny", ["trainer.batch_size=many"])
+    with pytest.raises(ConfigError, match=r"learner\.zero_stage"):
+        load_config("test-tiny", ["learner.zero_stage=5"])
+    with pytest.raises(ConfigError, match=r"learner\.lr"):
+        build_config({"learner": {"lr": -1}})
+
+
+def test_override_syntax_errors() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("learner.lr")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("=3")
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config("test-tiny", ["name.x=1"])
+    assert parse_override("a.b=") == ("a.b", "")
+
+
+def test_missing_file_lists_presets() -> None:
+    with pytest.raises(ConfigError, match="test-tiny"):
+        load_config("does-not-exist")
+
+
+def test_every_field_is_documented() -> None:
+    """CleanRL's habit: every config field says what it is where it is defined."""
+    seen: set[type] = set()
+
+    def walk(model: type) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                walk(annotation)
+
+    walk(JobConfig)
+    assert len(seen) >= 8
+
+
+def test_run_dir_default_and_explicit() -> None:
+    config = load_config("test-tiny")
+    assert config.resolved_run_dir().parts[0] == "runs"
+    assert config.resolved_run_dir().name.startswith("test-tiny-")
+    assert str(load_config("test-tiny", ["run_dir=/tmp/x"]).resolved_run_dir()) == "/tmp/x"
