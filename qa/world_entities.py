@@ -12,6 +12,8 @@ from qa.world_names import (
     RIVER_ENDINGS,
     SURNAME_ENDINGS,
     NameForge,
+    between,
+    pick,
 )
 
 FORMS = ("Republic", "Kingdom", "Federation", "Commonwealth", "Principality", "Union")
@@ -134,7 +136,7 @@ def entity_counts(num_passages: int) -> dict[str, int]:
 def build_world(rng: random.Random, forge: NameForge, counts: dict[str, int]) -> World:
     """Draw every entity and relation; all names come from `forge` so none repeats."""
     countries = [
-        Country(forge.word(COUNTRY_ENDINGS), rng.choice(FORMS), forge.word(), rng.randint(1650, 1990))
+        Country(forge.word(COUNTRY_ENDINGS), pick(rng, FORMS), forge.word(), between(rng, 1650, 1990))
         for _ in range(counts["countries"])
     ]
     cities = _cities(rng, forge, counts["cities"], countries)
@@ -159,13 +161,13 @@ def build_world(rng: random.Random, forge: NameForge, counts: dict[str, int]) ->
         if p.employer < 0:
             p.employer = rng.randrange(n_orgs)
         if not p.occupation:
-            p.occupation = rng.choice(OCCUPATIONS)
+            p.occupation = pick(rng, OCCUPATIONS)
     films = []
     for fi in range(n_films):
-        director, lead = rng.choice(directors), rng.choice(actors)
+        director, lead = pick(rng, directors), pick(rng, actors)
         earliest = max(persons[director].birth_year, persons[lead].birth_year) + 20
-        films.append(Film(_film_title(rng, forge, cities), rng.choice(GENRES), director, lead,
-                          min(LATEST_YEAR, earliest + rng.randint(0, 40))))
+        films.append(Film(_film_title(rng, forge, cities), pick(rng, GENRES), director, lead,
+                          min(LATEST_YEAR, earliest + between(rng, 0, 40))))
         persons[director].directed.append(fi)
         persons[lead].starred.append(fi)
     for pi in directors:
@@ -185,18 +187,18 @@ def _cities(rng: random.Random, forge: NameForge, n: int, countries: list[Countr
         country = ci if ci < len(countries) else rng.randrange(len(countries))
         name = ""
         if bases and rng.random() < 0.12:
-            candidate = f"{rng.choice(CITY_PREFIXES)} {rng.choice(bases)}"
+            candidate = f"{pick(rng, CITY_PREFIXES)} {pick(rng, bases)}"
             if forge.claim(candidate):
                 name = candidate
         if not name:
             name = forge.word(CITY_ENDINGS)
             forge.claim(f"{name} city")
             bases.append(name)
-        cities.append(City(name, country, rng.randint(900, 1890), rng.choice(rivers),
-                           rng.randint(8, 2400) * 500))
+        cities.append(City(name, country, between(rng, 900, 1890), pick(rng, rivers),
+                           between(rng, 8, 2400) * 500))
         countries[country].cities.append(ci)
     for country in countries:
-        country.capital = rng.choice(country.cities)
+        country.capital = pick(rng, country.cities)
     return cities
 
 
@@ -206,9 +208,9 @@ def _persons(rng: random.Random, forge: NameForge, n: int, n_cities: int) -> lis
     surnames = [forge.word(SURNAME_ENDINGS) for _ in range(max(8, n // 2))]
     persons = []
     while len(persons) < n:
-        given, surname = rng.choice(givens), rng.choice(surnames)
+        given, surname = pick(rng, givens), pick(rng, surnames)
         if forge.claim(f"{given} {surname}"):
-            persons.append(Person(given, surname, rng.randint(1905, 1985), rng.randrange(n_cities)))
+            persons.append(Person(given, surname, between(rng, 1905, 1985), rng.randrange(n_cities)))
     return persons
 
 
@@ -216,11 +218,11 @@ def _organisations(rng: random.Random, forge: NameForge, n: int, cities: list[Ci
                    persons: list[Person], founders: list[int]) -> list[Organisation]:
     organisations = []
     for oi in range(n):
-        kind, industry = rng.choice(ORG_KINDS)
+        kind, industry = pick(rng, ORG_KINDS)
         base = ""
         if rng.random() < 0.15:
             # Named after a city it need not be in: "Velmora Bank" headquartered in another city.
-            city_name = rng.choice(cities).name
+            city_name = pick(rng, cities).name
             if forge.claim(f"{city_name} {kind}"):
                 base = city_name
         name = f"{base} {kind}"
@@ -232,17 +234,17 @@ def _organisations(rng: random.Random, forge: NameForge, n: int, cities: list[Ci
         persons[founder].founded = oi
         persons[founder].employer = oi
         persons[founder].occupation = "entrepreneur"
-        year = min(LATEST_YEAR, persons[founder].birth_year + rng.randint(22, 50))
+        year = min(LATEST_YEAR, persons[founder].birth_year + between(rng, 22, 50))
         organisations.append(Organisation(name, base, industry, rng.randrange(len(cities)), year, founder))
     return organisations
 
 
 def _film_title(rng: random.Random, forge: NameForge, cities: list[City]) -> str:
     while True:
-        pattern = rng.choice(FILM_PATTERNS)
+        pattern = pick(rng, FILM_PATTERNS)
         if pattern == "{w}":
             return forge.word()  # a fresh word is already reserved and unique
-        word = rng.choice(cities).name if rng.random() < 0.1 else forge.word()
+        word = pick(rng, cities).name if rng.random() < 0.1 else forge.word()
         title = pattern.format(w=word)
         if forge.claim(title):
             return title

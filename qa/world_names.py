@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 ONSETS = (
     "b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p",
@@ -51,9 +55,23 @@ STOP_WORDS = frozenset(
     bangladesh marrakesh
     berlin boston cairo dallas denver dublin geneva havana lima london madrid manila milan moscow
     nairobi oslo paris prague riga rome seoul sofia tokyo vienna warsaw zagreb
-    darwin homer isaac kafka lenin marx mozart newton plato tesla verdi
+    darwin homer isaac kafka lenin marx mozart newton plato tesla verdi hamas sinai samara tamil
+    maria anna sara nina lara dora vera tina rita lena mona nora hana gina tara mira lisa rosa
+    elena irene helen diana laura petra greta olga ivan boris igor oscar victor hugo peter simon
+    daniel samuel david jonas tobias thomas nikolai dimitri sergei andrei marek jan karl hans
+    erik lars sven anders pedro diego mario bruno marco paolo luis jose ramon sandra
     """.split()
 )
+
+
+def pick(rng: random.Random, items: Sequence[T]) -> T:
+    """rng.choice, several times faster: one rng.random() call instead of rejection sampling on bits."""
+    return items[int(rng.random() * len(items))]
+
+
+def between(rng: random.Random, low: int, high: int) -> int:
+    """rng.randint(low, high) drawn the same fast way as `pick`."""
+    return low + int(rng.random() * (high - low + 1))
 
 
 class NameForge:

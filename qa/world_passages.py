@@ -11,7 +11,7 @@ import random
 from collections import defaultdict
 
 from qa.world_entities import LATEST_YEAR, World
-from qa.world_names import NameForge
+from qa.world_names import NameForge, between, pick
 
 ADJECTIVES = ("quiet", "austere", "lyrical", "bold", "restless", "precise", "generous", "sombre", "playful",
               "meticulous", "ambitious", "unhurried")
@@ -27,6 +27,10 @@ MAX_WORDS = 120
 
 def _a(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
+
+
+def _with_article(word: str) -> str:
+    return f"{_a(word)} {word}"
 
 
 def _listing(items: list[str]) -> str:
@@ -50,8 +54,9 @@ class CorpusWriter:
 
     def add(self, kind: str, title: str, sentences: list[str], fillers: list[str], key: int = -1) -> None:
         """Append one passage: all `sentences`, then fillers in order until a drawn target length."""
-        target = self.rng.randint(55, 100)
-        self.rng.shuffle(fillers)
+        target = between(self.rng, 55, 100)
+        turn = int(self.rng.random() * len(fillers))  # rotating is cheaper than shuffling and varies enough
+        fillers = fillers[turn:] + fillers[:turn]
         words = sum(s.count(" ") + 1 for s in sentences)
         for filler in fillers:
             if words >= target:
@@ -110,16 +115,16 @@ class CorpusWriter:
         fillers = [f"It became independent in {k.independence}.", f"Its currency is the {k.currency}."]
         if others:
             fillers.append(f"Other cities in {k.name} include {_listing(others)}.")
-        fillers += [f"The country is divided into {rng.randint(4, 30)} provinces.",
-                    f"Its highest mountain is Mount {self.minor()}, a {rng.choice(ADJECTIVES)} peak.",
-                    f"{k.name} has a population of about {rng.randint(1, 90)} million people.",
-                    f"The national archive in {capital} holds records going back to the {rng.randint(11, 17)}th century."]
+        fillers += [f"The country is divided into {between(rng, 4, 30)} provinces.",
+                    f"Its highest mountain is Mount {self.minor()}, {_with_article(pick(rng, ADJECTIVES))} peak.",
+                    f"{k.name} has a population of about {between(rng, 1, 90)} million people.",
+                    f"The national archive in {capital} holds records going back to the {between(rng, 11, 17)}th century."]
         self.add("country", k.name, sentences, fillers, i)
 
     def _city(self, i: int) -> None:
         rng, w, c = self.rng, self.world, self.world.cities[i]
         country = w.countries[c.country]
-        sentences = [rng.choice((f"{c.name} is a city in {country.name}.",
+        sentences = [pick(rng, (f"{c.name} is a city in {country.name}.",
                                  f"{c.name} is a city in {country.name}, on the {c.river} River.")),
                      f"It was founded in {c.founded}.",
                      f"The current mayor of {c.name} is {w.persons[c.mayor].name}."]
@@ -129,9 +134,9 @@ class CorpusWriter:
             sentences.append(f"The city lies on the {c.river} River.")
         fillers = [f"It has a population of about {c.population:,}.",
                    f"{c.name} hosts an annual {self.minor()} market each autumn.",
-                   f"Its old town is known for {rng.choice(ADJECTIVES)} stone bridges and narrow streets.",
-                   f"A railway line links {c.name} with {rng.choice(w.cities).name}.",
-                   f"The local economy relies on {rng.choice(SUBJECTS)} research, tourism and light industry."]
+                   f"Its old town is known for {pick(rng, ADJECTIVES)} stone bridges and narrow streets.",
+                   f"A railway line links {c.name} with {pick(rng, w.cities).name}.",
+                   f"The local economy relies on {pick(rng, SUBJECTS)} research, tourism and light industry."]
         self.add("city", c.name, sentences, fillers, i)
 
     def _organisation(self, i: int) -> None:
@@ -139,39 +144,40 @@ class CorpusWriter:
         sentences = [f"{o.name} is {_a(o.industry)} {o.industry} organisation headquartered in "
                      f"{w.cities[o.headquarters].name}.",
                      f"It was founded in {o.founded} by {w.persons[o.founder].name}."]
-        fillers = [f"It employs about {rng.randint(2, 900) * 10} people.",
-                   f"{o.name} opened a regional office in {rng.choice(w.cities).name} in "
-                   f"{rng.randint(o.founded, LATEST_YEAR)}.",
+        fillers = [f"It employs about {between(rng, 2, 900) * 10} people.",
+                   f"{o.name} opened a regional office in {pick(rng, w.cities).name} in "
+                   f"{between(rng, o.founded, LATEST_YEAR)}.",
                    f"Its best-known line of work is the {self.minor()} programme.",
-                   f"The organisation publishes an annual report each {rng.choice(MONTHS)}.",
-                   f"Observers describe its management style as {rng.choice(ADJECTIVES)}."]
+                   f"The organisation publishes an annual report each {pick(rng, MONTHS)}.",
+                   f"Observers describe its management style as {pick(rng, ADJECTIVES)}."]
         self.add("organisation", o.name, sentences, fillers, i)
 
     def _film(self, i: int) -> None:
         rng, w, f = self.rng, self.world, self.world.films[i]
+        adjective = pick(rng, ADJECTIVES)
         sentences = [f"{f.title} is a {f.year} {f.genre} film directed by {w.persons[f.director].name}.",
-                     rng.choice((f"It stars {w.persons[f.lead].name} in the lead role.",
+                     pick(rng, (f"It stars {w.persons[f.lead].name} in the lead role.",
                                  f"{w.persons[f.lead].name} plays the lead role."))]
-        fillers = [f"The film was shot on location in {rng.choice(w.cities).name}.",
-                   f"It runs {rng.randint(80, 170)} minutes.",
-                   f"Reviewers praised its {rng.choice(ADJECTIVES)} photography and its score.",
-                   f"It premiered at the {rng.choice(w.cities).name} Film Festival.",
-                   f"The screenplay draws on a {rng.choice(ADJECTIVES)} novel about {rng.choice(SUBJECTS)}."]
+        fillers = [f"The film was shot on location in {pick(rng, w.cities).name}.",
+                   f"It runs {between(rng, 80, 170)} minutes.",
+                   f"Reviewers praised its {pick(rng, ADJECTIVES)} photography and its score.",
+                   f"It premiered at the {pick(rng, w.cities).name} Film Festival.",
+                   f"The screenplay draws on {_a(adjective)} {adjective} novel about {pick(rng, SUBJECTS)}."]
         self.add("film", f.title, sentences, fillers, i)
 
     def _person(self, i: int) -> None:
         rng, w, p = self.rng, self.world, self.world.persons[i]
         s, city, occ = p.surname, w.cities[p.birthplace].name, p.occupation
         org = w.organisations[p.employer].name
-        sentences = [rng.choice((f"{p.name} is {_a(occ)} {occ} born in {city} in {p.birth_year}.",
+        sentences = [pick(rng, (f"{p.name} is {_a(occ)} {occ} born in {city} in {p.birth_year}.",
                                  f"{p.name} (born {p.birth_year} in {city}) is {_a(occ)} {occ}.",
                                  f"{p.name} is {_a(occ)} {occ}. {s} was born in {p.birth_year} in the city of {city}."))]
         if p.founded >= 0:
             sentences.append(f"In {w.organisations[p.founded].founded}, {s} founded {org}, and still works there.")
         else:
-            sentences.append(rng.choice((f"{s} works for {org}.", f"{s} is employed by {org}.")))
+            sentences.append(pick(rng, (f"{s} works for {org}.", f"{s} is employed by {org}.")))
         if p.mayor_of >= 0:
-            since = min(LATEST_YEAR, p.birth_year + rng.randint(30, 55))
+            since = min(LATEST_YEAR, p.birth_year + between(rng, 30, 55))
             sentences.append(f"Since {since}, {s} has served as the mayor of {w.cities[p.mayor_of].name}.")
         if p.directed:
             films = [f"{w.films[f].title} ({w.films[f].year})" for f in p.directed[:4]]
@@ -179,16 +185,16 @@ class CorpusWriter:
         if p.starred:
             films = [f"{w.films[f].title} ({w.films[f].year})" for f in p.starred[:4]]
             sentences.append(f"{s} played the lead role in {_listing(films)}.")
-        later = min(LATEST_YEAR, p.birth_year + rng.randint(20, 60))
-        fillers = [f"{s} studied {rng.choice(SUBJECTS)} at the {self.minor()} Academy.",
+        later = min(LATEST_YEAR, p.birth_year + between(rng, 20, 60))
+        fillers = [f"{s} studied {pick(rng, SUBJECTS)} at the {self.minor()} Academy.",
                    f"In {later}, {s} received the {self.minor()} Prize.",
-                   f"Critics have described the work of {s} as {rng.choice(ADJECTIVES)} and {rng.choice(ADJECTIVES)}.",
+                   f"Critics have described the work of {s} as {pick(rng, ADJECTIVES)} and {pick(rng, ADJECTIVES)}.",
                    f"{s} speaks three languages and spends part of each year in the countryside.",
-                   f"A biography of {s} appeared in {min(LATEST_YEAR, later + rng.randint(1, 15))}.",
+                   f"A biography of {s} appeared in {min(LATEST_YEAR, later + between(rng, 1, 15))}.",
                    f"{s} is a member of the {self.minor()} Society and sits on the board of a local library.",
-                   f"Friends describe {s} as {rng.choice(ADJECTIVES)}, with a lifelong interest in {rng.choice(SUBJECTS)}.",
-                   f"{s} married in {min(LATEST_YEAR, p.birth_year + rng.randint(20, 40))} and has "
-                   f"{rng.choice(('one child', 'two children', 'three children', 'no children'))}."]
+                   f"Friends describe {s} as {pick(rng, ADJECTIVES)}, with a lifelong interest in {pick(rng, SUBJECTS)}.",
+                   f"{s} married in {min(LATEST_YEAR, p.birth_year + between(rng, 20, 40))} and has "
+                   f"{pick(rng, ('one child', 'two children', 'three children', 'no children'))}."]
         self.add("person", p.name, sentences, fillers, i)
 
     # Distractor passages ----------------------------------------------------------------------------
@@ -197,18 +203,18 @@ class CorpusWriter:
         rng, w, p = self.rng, self.world, self.world.persons[i]
         s, org = p.surname, w.organisations[p.employer].name
         joined = "founding" if p.founded >= 0 else "joining"
-        colleague = rng.choice(w.persons).name
-        sentences = [f"Before {joined} {org}, {s} spent several years in {rng.choice(w.cities).name}, "
-                     f"working on {rng.choice(ADJECTIVES)} projects with {colleague}.",
-                     f"In {min(LATEST_YEAR, p.birth_year + rng.randint(20, 40))}, {s} moved to "
-                     f"{rng.choice(w.cities).name}."]
-        fillers = [f"{s} later taught {rng.choice(SUBJECTS)} at an academy in {rng.choice(w.cities).name}.",
-                   f"Colleagues remember {s} as {rng.choice(ADJECTIVES)} and demanding.",
-                   f"{s} has written essays on {rng.choice(SUBJECTS)} and on the history of "
-                   f"{rng.choice(w.countries).name}.",
-                   f"A collection of letters between {s} and {rng.choice(w.persons).name} was published in "
-                   f"{min(LATEST_YEAR, p.birth_year + rng.randint(40, 70))}.",
-                   f"The archive of {s} is kept in {rng.choice(w.cities).name}."]
+        colleague = pick(rng, w.persons).name
+        sentences = [f"Before {joined} {org}, {s} spent several years in {pick(rng, w.cities).name}, "
+                     f"working on {pick(rng, ADJECTIVES)} projects with {colleague}.",
+                     f"In {min(LATEST_YEAR, p.birth_year + between(rng, 20, 40))}, {s} moved to "
+                     f"{pick(rng, w.cities).name}."]
+        fillers = [f"{s} later taught {pick(rng, SUBJECTS)} at an academy in {pick(rng, w.cities).name}.",
+                   f"Colleagues remember {s} as {pick(rng, ADJECTIVES)} and demanding.",
+                   f"{s} has written essays on {pick(rng, SUBJECTS)} and on the history of "
+                   f"{pick(rng, w.countries).name}.",
+                   f"A collection of letters between {s} and {pick(rng, w.persons).name} was published in "
+                   f"{min(LATEST_YEAR, p.birth_year + between(rng, 40, 70))}.",
+                   f"The archive of {s} is kept in {pick(rng, w.cities).name}."]
         self.add("career", p.name, sentences, fillers)
 
     def _surname(self, surname: str, people: list[int]) -> None:
@@ -217,7 +223,7 @@ class CorpusWriter:
                    f"{w.persons[i].occupation} from {w.cities[w.persons[i].birthplace].name}"
                    for i in people[:6]]
         sentences = [f"{surname} is a surname. Notable people with the surname include {'; '.join(entries)}."]
-        fillers = [f"The name is thought to derive from an old word for a {self.rng.choice(ADJECTIVES)} "
+        fillers = [f"The name is thought to derive from an old word for {_with_article(pick(self.rng, ADJECTIVES))} "
                    f"traveller or messenger.",
                    f"Variant spellings of {surname} appear in parish records from several regions.",
                    "Not all bearers of the name are related to one another."]
@@ -240,7 +246,7 @@ class CorpusWriter:
 
     def _disambiguation(self, stem: str, entries: list[str]) -> None:
         sentences = [f"{stem} may refer to several places, organisations and works: {'; '.join(entries)}."]
-        fillers = [f"The name {stem} is said to come from an old word for a {self.rng.choice(ADJECTIVES)} river crossing.",
+        fillers = [f"The name {stem} is said to come from an old word for {_with_article(pick(self.rng, ADJECTIVES))} river crossing.",
                    "This page lists entities that share the same name.",
                    "If an internal link led you here, you may wish to change the link to point to the intended article.",
                    "Spellings of the name vary between older and newer maps of the region."]
@@ -248,24 +254,24 @@ class CorpusWriter:
 
     def _event(self) -> None:
         rng, w = self.rng, self.world
-        city = rng.choice(w.cities)
-        kind, description = rng.choice(EVENT_KINDS)
-        year = rng.randint(1950, LATEST_YEAR)
+        city = pick(rng, w.cities)
+        kind, description = pick(rng, EVENT_KINDS)
+        year = between(rng, 1950, LATEST_YEAR)
         title = f"{year} {city.name} {kind}"
         while not self.forge.claim(title):
-            year = rng.randint(1950, LATEST_YEAR)
+            year = between(rng, 1950, LATEST_YEAR)
             title = f"{year} {city.name} {self.minor()} {kind}"
         org = w.organisations[rng.randrange(len(w.organisations))]
         people = [w.persons[rng.randrange(len(w.persons))] for _ in range(3)]
         named = [f"{p.name} of {w.organisations[p.employer].name}" for p in people[:2]] + [people[2].name]
         sentences = [f"The {title} was {_a(description)} {description} held in {city.name}, "
-                     f"{w.countries[city.country].name}, in {rng.choice(MONTHS)} {year}.",
-                     f"It was organised by {org.name} and drew about {rng.randint(2, 400) * 100} visitors.",
+                     f"{w.countries[city.country].name}, in {pick(rng, MONTHS)} {year}.",
+                     f"It was organised by {org.name} and drew about {between(rng, 2, 400) * 100} visitors.",
                      f"Participants included {_listing(named)}."]
-        fillers = [f"The next edition took place in {rng.choice(w.cities).name} in {year + rng.randint(1, 4)}.",
-                   f"Local newspapers called the event {rng.choice(ADJECTIVES)} and well run.",
+        fillers = [f"The next edition took place in {pick(rng, w.cities).name} in {year + between(rng, 1, 4)}.",
+                   f"Local newspapers called the event {pick(rng, ADJECTIVES)} and well run.",
                    f"A closing ceremony was held at the {self.minor()} Hall.",
-                   f"Tickets sold out {rng.randint(2, 9)} weeks in advance."]
+                   f"Tickets sold out {between(rng, 2, 9)} weeks in advance."]
         self.add("event", title, sentences, fillers)
 
     def render(self, num_passages: int) -> None:

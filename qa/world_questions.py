@@ -29,7 +29,8 @@ class Template:
 
 
 def _templates(w: World) -> list[Template]:
-    P, C, K, O, F = w.persons, w.cities, w.countries, w.organisations, w.films
+    P, C, K, Og, F = w.persons, w.cities, w.countries, w.organisations, w.films
+    # One-letter aliases keep the template table below readable: persons, cities, countries, orgs, films.
 
     def person(i: int) -> list[str]:
         return [P[i].name, P[i].surname]
@@ -42,11 +43,11 @@ def _templates(w: World) -> list[Template]:
 
     def org(i: int) -> list[str]:
         # The bare stem is an alias only when it is the organisation's own word, not a city's name.
-        return [O[i].name] if O[i].base in city_names else [O[i].name, O[i].base]
+        return [Og[i].name] if Og[i].base in city_names else [Og[i].name, Og[i].base]
 
     city_names = {c.name for c in C}
     people, cities, countries = range(len(P)), range(len(C)), range(len(K))
-    orgs, films = range(len(O)), range(len(F))
+    orgs, films = range(len(Og)), range(len(F))
     one_starred = [i for i in people if len(P[i].starred) == 1]
     one_directed = [i for i in people if len(P[i].directed) == 1]
     non_capital = [i for i in cities if K[C[i].country].capital != i]
@@ -70,11 +71,11 @@ def _templates(w: World) -> list[Template]:
         Template("capital", 1, "city", list(countries), lambda i: (
             f"What is the capital of {K[i].name}?", city(K[i].capital), [("country", i)])),
         Template("headquarters", 1, "city", list(orgs), lambda i: (
-            f"In which city is {O[i].name} headquartered?", city(O[i].headquarters), [("organisation", i)])),
+            f"In which city is {Og[i].name} headquartered?", city(Og[i].headquarters), [("organisation", i)])),
         Template("founder", 1, "person", list(orgs), lambda i: (
-            f"Who founded {O[i].name}?", person(O[i].founder), [("organisation", i)])),
+            f"Who founded {Og[i].name}?", person(Og[i].founder), [("organisation", i)])),
         Template("org_founded", 1, "year", list(orgs), lambda i: (
-            f"In what year was {O[i].name} founded?", [str(O[i].founded)], [("organisation", i)])),
+            f"In what year was {Og[i].name} founded?", [str(Og[i].founded)], [("organisation", i)])),
         Template("director", 1, "person", list(films), lambda i: (
             f"Who directed the film {F[i].title}?", person(F[i].director), [("film", i)])),
         Template("release_year", 1, "year", list(films), lambda i: (
@@ -87,9 +88,9 @@ def _templates(w: World) -> list[Template]:
             [("person", i), ("city", P[i].birthplace)])),
         Template("employer>headquarters", 2, "city", employed, lambda i: (
             f"In which city is the organisation that {P[i].name} works for headquartered?",
-            city(O[P[i].employer].headquarters), [("person", i), ("organisation", P[i].employer)])),
+            city(Og[P[i].employer].headquarters), [("person", i), ("organisation", P[i].employer)])),
         Template("employer>founder", 2, "person", employed, lambda i: (
-            f"Who founded the organisation that {P[i].name} works for?", person(O[P[i].employer].founder),
+            f"Who founded the organisation that {P[i].name} works for?", person(Og[P[i].employer].founder),
             [("person", i), ("organisation", P[i].employer)])),
         Template("starred>director", 2, "person", one_starred, lambda i: (
             f"Who directed the film that {P[i].name} starred in?", person(F[P[i].starred[0]].director),
@@ -116,11 +117,11 @@ def _templates(w: World) -> list[Template]:
             f"Who is the mayor of the capital of {K[i].name}?", person(C[K[i].capital].mayor),
             [("country", i), ("city", K[i].capital)])),
         Template("founder>birthplace", 2, "city", list(orgs), lambda i: (
-            f"Where was the founder of {O[i].name} born?", city(P[O[i].founder].birthplace),
-            [("organisation", i), ("person", O[i].founder)])),
+            f"Where was the founder of {Og[i].name} born?", city(P[Og[i].founder].birthplace),
+            [("organisation", i), ("person", Og[i].founder)])),
         Template("headquarters>country", 2, "country", list(orgs), lambda i: (
-            f"In which country is {O[i].name} headquartered?", country(C[O[i].headquarters].country),
-            [("organisation", i), ("city", O[i].headquarters)])),
+            f"In which country is {Og[i].name} headquartered?", country(C[Og[i].headquarters].country),
+            [("organisation", i), ("city", Og[i].headquarters)])),
     ]
 
 
