@@ -31,7 +31,9 @@ def group_advantages(
         raise ValueError(f"rewards must be 1-D (one scalar per sequence), got shape {tuple(rewards.shape)}")
     if group_size < 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.float().view(-1, group_size)
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    grouped = rewards.view(-1, group_size)
     mean = grouped.mean(dim=1, keepdim=True)
     advantages = grouped - mean
     if scale_by_std:

@@ -29,8 +29,8 @@ class Template:
 
 
 def _templates(w: World) -> list[Template]:
-    P, C, K, Og, F = w.persons, w.cities, w.countries, w.organisations, w.films
     # One-letter aliases keep the template table below readable: persons, cities, countries, orgs, films.
+    P, C, K, Og, F = w.persons, w.cities, w.countries, w.organisations, w.films
 
     def person(i: int) -> list[str]:
         return [P[i].name, P[i].surname]
@@ -52,6 +52,8 @@ def _templates(w: World) -> list[Template]:
     one_directed = [i for i in people if len(P[i].directed) == 1]
     non_capital = [i for i in cities if K[C[i].country].capital != i]
     employed = [i for i in people if P[i].founded < 0]
+    # "Velmora Bank" headquartered in Velmora would name the bridge city in the question itself.
+    hq_unnamed = [i for i in orgs if C[Og[i].headquarters].name not in Og[i].name]
     return [
         # 1-hop
         Template("birthplace", 1, "city", list(people), lambda i: (
@@ -119,7 +121,7 @@ def _templates(w: World) -> list[Template]:
         Template("founder>birthplace", 2, "city", list(orgs), lambda i: (
             f"Where was the founder of {Og[i].name} born?", city(P[Og[i].founder].birthplace),
             [("organisation", i), ("person", Og[i].founder)])),
-        Template("headquarters>country", 2, "country", list(orgs), lambda i: (
+        Template("headquarters>country", 2, "country", hq_unnamed, lambda i: (
             f"In which country is {Og[i].name} headquartered?", country(C[Og[i].headquarters].country),
             [("organisation", i), ("city", Og[i].headquarters)])),
     ]

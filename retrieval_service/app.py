@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -105,6 +107,9 @@ class BodySizeLimit:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+_KNOWN_PATHS = {"/retrieve", "/batch_search", "/search", "/health", "/metrics"}
 
 
 def _document(hit: Hit) -> dict[str, str]:
@@ -245,4 +250,60 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
     return app
 
 
-_KNOWN_PATHS = {"/retrieve", "/batch_search", "/search", "/health", "/metrics"}
+
+class BackgroundServer:
+    """A uvicorn server for `app` on a thread of this process (tests, demos, the in-process service of a driver)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.host = host
+        self.port = port or _free_port(host)
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the server."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> BackgroundServer:
+        """Start serving and return once the socket accepts connections."""
+        self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Block until /health answers 200 (the index is loaded), or raise with the reported state."""
+        import httpx
+
+        deadline, last = time.monotonic() + timeout, "no answer"
+        while time.monotonic() < deadline:
+            try:
+                response = httpx.get(self.url + "/health", timeout=5)
+                if response.status_code == 200:
+                    return
+                last = response.text
+                if response.json().get("status") == "error":
+                    break
+            except httpx.HTTPError as error:
+                last = str(error)
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.url} not ready: {last}")
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit and join its thread."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

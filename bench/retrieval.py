@@ -1,0 +1,167 @@
+"""Retrieval service benchmark: QPS and latency of single-query requests at concurrency 1, 8 and 32.
+
+Judged by two ratios at concurrency 32:
+  * micro-batching on vs off (goal >= 3x): coalescing concurrent queries into one forward is the point of the server;
+  * service vs the in-process floor (goal >= 0.6): the same queries encoded and searched in batches of
+    `micro_batch_max_size` in one process, with no HTTP in between.
+The world (>= 50k passages) and its index are built once under --cache-dir and reused (the build resumes if it was
+interrupted). The servers run as `research serve` subprocesses on 127.0.0.1 with the cache off, so every request
+is a real search.
+
+    python bench/retrieval.py [--passages 50000] [--cache-dir DIR] [--build-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from qa.world import generate_world
+from retrieval_service.build import build_index
+from retrieval_service.config import EncoderConfig
+from retrieval_service.retriever import Retriever
+
+CONCURRENCY = (1, 8, 32)
+MAX_BATCH = 64
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare(cache_dir: Path, passages: int) -> tuple[Path, list[str]]:
+    """The world and its index under cache_dir (built on first use), and the questions to send."""
+    world = cache_dir / f"world_{passages}"
+    if not (world / "dev.jsonl").is_file():
+        generate_world(world, seed=0, num_passages=passages)
+    index_dir = cache_dir / f"index_{passages}"
+    started = time.perf_counter()
+    meta = build_index(world / "corpus.jsonl", index_dir, EncoderConfig(), shard_size=2000)
+    print(f"index: {meta.count} passages ready in {time.perf_counter() - started:.0f} s ({index_dir})")
+    questions = []
+    for name in ("dev.jsonl", "train.jsonl"):
+        with (world / name).open() as handle:
+            questions += [json.loads(line)["question"] for line in handle]
+    return index_dir, list(dict.fromkeys(questions))
+
+
+def start_server(index_dir: Path, port: int, micro_batching: bool) -> subprocess.Popen:
+    """`research serve` in a subprocess; returns once /health says ready."""
+    args = ["--index", str(index_dir), "--port", str(port), "--cache-size", "0", "--max-batch", str(MAX_BATCH)]
+    if not micro_batching:
+        args.append("--no-micro-batching")
+    code = f"from retrieval_service.cli import serve_main; raise SystemExit(serve_main({args!r}))"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("server did not become ready in 300 s")
+
+
+async def load(url: str, questions: list[str], concurrency: int, requests: int) -> dict[str, float]:
+    """Send `requests` single-query requests from `concurrency` workers; QPS and latency percentiles."""
+    latencies: list[float] = []
+    todo = iter(questions[:requests])
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+
+        async def worker() -> None:
+            for question in todo:
+                started = time.perf_counter()
+                response = await http.post(url, json={"queries": [question], "topk": 5, "return_scores": True})
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000
+    return {"qps": len(latencies) / elapsed, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+
+
+def measure_service(index_dir: Path, questions: list[str], micro_batching: bool, requests: dict[int, int]) -> dict:
+    """Figures of one server configuration at each concurrency level."""
+    port = free_port()
+    server = start_server(index_dir, port, micro_batching)
+    url = f"http://127.0.0.1:{port}/retrieve"
+    figures = {}
+    try:
+        offset = 0
+        asyncio.run(load(url, questions[-16:], 4, 16))  # warm-up, queries not reused below
+        for concurrency in CONCURRENCY:
+            batch = questions[offset : offset + requests[concurrency]]
+            offset += requests[concurrency]
+            figures[concurrency] = asyncio.run(load(url, batch, concurrency, len(batch)))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return figures
+
+
+def measure_floor(index_dir: Path, questions: list[str]) -> float:
+    """QPS of in-process batched encode + search of the same queries (no HTTP, no queueing)."""
+    retriever = Retriever(index_dir)
+    retriever.search(questions[:8], 5)
+    started = time.perf_counter()
+    for start in range(0, len(questions), MAX_BATCH):
+        retriever.search(questions[start : start + MAX_BATCH], 5)
+    qps = len(questions) / (time.perf_counter() - started)
+    retriever.close()
+    return qps
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build (or reuse) the bench index, measure both server configurations and the floor, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--passages", type=int, default=50_000)
+    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "research-bench-retrieval"))
+    parser.add_argument("--requests", type=int, default=320, help="requests at concurrency 32 (fewer below)")
+    parser.add_argument("--build-only", action="store_true")
+    args = parser.parse_args(argv)
+
+    index_dir, questions = prepare(Path(args.cache_dir), args.passages)
+    if args.build_only:
+        return 0
+    requests = {1: max(40, args.requests // 8), 8: max(80, args.requests // 2), 32: args.requests}
+    if len(questions) < sum(requests.values()) + 16:
+        raise SystemExit(f"the world has {len(questions)} questions; lower --requests")
+    on = measure_service(index_dir, questions, True, requests)
+    off = measure_service(index_dir, questions, False, requests)
+    floor = measure_floor(index_dir, questions[: requests[32]])
+
+    print(f"\nretrieval service, {args.passages} passages, MiniLM-L6 384-d, faiss Flat, single-query requests")
+    print(f"{'micro-batching':<15}{'concurrency':>12}{'QPS':>9}{'p50 ms':>9}{'p99 ms':>9}")
+    for label, figures in (("on", on), ("off", off)):
+        for concurrency in CONCURRENCY:
+            f = figures[concurrency]
+            print(f"{label:<15}{concurrency:>12}{f['qps']:>9.1f}{f['p50']:>9.1f}{f['p99']:>9.1f}")
+    print(f"{'in-process floor (batches of ' + str(MAX_BATCH) + ')':<36}{floor:>9.1f}")
+    print(f"ratio micro-batching on/off at 32: {on[32]['qps'] / off[32]['qps']:.2f}x (goal >= 3)")
+    print(f"ratio service/floor at 32:         {on[32]['qps'] / floor:.2f} (goal >= 0.6)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Collate trajectories (Arrow record batches, one per prompt group) into padded (B, T) training tensors.
+
+Layout: each row is prompt + response, right-padded to the longest row. Logits at position p predict the token
+at p + 1, so every per-token tensor the loss uses (`loss_mask`, `behaviour_logprobs`) has T - 1 columns and
+column p refers to token p + 1: response token k of a row with P prompt tokens sits in column P + k - 1.
+Prompt columns and padding have loss_mask 0; retrieved tokens keep the 0 the rollout gave them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import pyarrow as pa
+import torch
+
+
+@dataclass
+class TrainBatch:
+    """Padded tensors of B trajectories, group by group (`group_size` samples of one prompt side by side)."""
+
+    input_ids: torch.Tensor  # (B, T) long, right-padded
+    attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
+    loss_mask: torch.Tensor  # (B, T-1) float, 1 where the target token gets gradient
+    behaviour_logprobs: torch.Tensor  # (B, T-1) float, logprob of the target under the sampling policy
+    rewards: torch.Tensor  # (B,) float
+    response_lengths: torch.Tensor  # (B,) long, response tokens (generated and retrieved) per row
+    group_size: int
+
+    @property
+    def size(self) -> int:
+        """Number of trajectories."""
+        return self.input_ids.shape[0]
+
+    @property
+    def max_response_length(self) -> int:
+        """Longest response in the batch (the constant normaliser of Dr. GRPO's token-sum aggregation)."""
+        return max(int(self.response_lengths.max()), 1)
+
+    def rows(self, start: int, stop: int) -> TrainBatch:
+        """Rows [start, stop), trimmed to their own longest sequence so micro-batches carry no extra padding."""
+        attention = self.attention_mask[start:stop]
+        length = max(int(attention.sum(dim=1).max()), 2) if stop > start else 2
+        return TrainBatch(
+            input_ids=self.input_ids[start:stop, :length],
+            attention_mask=attention[:, :length],
+            loss_mask=self.loss_mask[start:stop, : length - 1],
+            behaviour_logprobs=self.behaviour_logprobs[start:stop, : length - 1],
+            rewards=self.rewards[start:stop],
+            response_lengths=self.response_lengths[start:stop],
+            group_size=self.group_size,
+        )
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The same batch with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device)
+        return TrainBatch(**moved)
+
+
+def collate(groups: Sequence[pa.RecordBatch] | pa.Table, pad_token_id: int) -> TrainBatch:
+    """Pad prompt+response rows of trajectory record batches (columns of actors.trajectory) into a TrainBatch."""
+    if isinstance(groups, pa.Table):
+        groups = groups.to_batches()
+    groups = [g for g in groups if g.num_rows]
+    if not groups:
+        raise ValueError("no trajectories to collate")
+    group_size = groups[0].num_rows
+    if any(g.num_rows != group_size for g in groups):
+        raise ValueError(f"every record batch must hold one group of equal size; sizes {[g.num_rows for g in groups]}")
+    table = pa.Table.from_batches(groups)
+    prompts = table.column("prompt_ids").to_pylist()
+    responses = table.column("response_ids").to_pylist()
+    masks = table.column("loss_mask").to_pylist()
+    behaviour = table.column("behaviour_logprobs").to_pylist()
+    rewards = torch.tensor(table.column("reward").to_pylist(), dtype=torch.float32)
+
+    rows = len(prompts)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    width = max(max(lengths), 2)
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    loss_mask = torch.zeros((rows, width - 1), dtype=torch.float32)
+    behaviour_logprobs = torch.zeros((rows, width - 1), dtype=torch.float32)
+    for i, (prompt, response, mask, logprobs) in enumerate(zip(prompts, responses, masks, behaviour, strict=True)):
+        if not prompt:
+            raise ValueError(f"row {i} has an empty prompt: the first response token has nothing to condition on")
+        if not (len(response) == len(mask) == len(logprobs)):
+            raise ValueError(
+                f"row {i}: response_ids ({len(response)}), loss_mask ({len(mask)}) and behaviour_logprobs "
+                f"({len(logprobs)}) must have one entry per response token"
+            )
+        input_ids[i, : lengths[i]] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[i, : lengths[i]] = 1
+        start = len(prompt) - 1  # column predicting the first response token
+        loss_mask[i, start : start + len(response)] = torch.tensor(mask, dtype=torch.float32)
+        behaviour_logprobs[i, start : start + len(response)] = torch.tensor(logprobs, dtype=torch.float32)
+    response_lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    return TrainBatch(
+        input_ids, attention_mask, loss_mask, behaviour_logprobs, rewards, response_lengths, group_size
+    )

@@ -1,0 +1,82 @@
+"""Run the retrieval service as a child process on 127.0.0.1 and stop it again (demo, tests, local jobs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on host right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceProcess:
+    """`research serve` in a child process; a context manager that waits for /health and stops the child by PID."""
+
+    def __init__(
+        self,
+        index_dir: str | Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        extra_args: list[str] | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout: float = 180.0,
+    ) -> None:
+        self.index_dir = Path(index_dir)
+        self.host = host
+        self.port = port or free_port(host)
+        self.extra_args = list(extra_args or [])
+        self.log_path = Path(log_path) if log_path else None
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the service."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        """Start the child and block until /health answers 200 (or raise with the child's log)."""
+        command = [sys.executable, "-m", "cluster.cli", "serve", "--index", str(self.index_dir),
+                   "--host", self.host, "--port", str(self.port), *self.extra_args]
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"retrieval service exited with code {self.process.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"retrieval service at {self.url} not healthy after {self.startup_timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Stop the child we started (SIGTERM, then SIGKILL), by its PID only."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=15)
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,131 @@
+"""Unit tests of the retrieval service's pieces that need no model: corpus reading, config, cache, formatting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from retrieval_service.batcher import QueryCache
+from retrieval_service.client import Passage, format_result_block
+from retrieval_service.config import EncoderConfig, RetrievalConfig, ServerConfig
+from retrieval_service.corpus import (
+    corpus_fingerprint,
+    count_records,
+    join_contents,
+    read_corpus,
+    split_contents,
+)
+from retrieval_service.encoder import read_pooling, resolve_encoder_path
+from retrieval_service.index import IndexMeta, canonical_encoder_name, check_encoder
+
+ROWS = [
+    {"id": "0", "contents": '"Evan Morris"\nEvan L. Morris was a lobbyist.'},
+    {"id": "1", "contents": '"Teboara"\nTeboara is a city.\nSecond line.'},
+    {"id": "2", "contents": '"Vruaria"\nVruaria is a country.'},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")  # trailing blank line is tolerated
+    return path
+
+
+def test_split_and_join_contents_round_trip() -> None:
+    assert split_contents(ROWS[1]["contents"]) == ("Teboara", "Teboara is a city.\nSecond line.")
+    assert split_contents("no title line") == ("no title line", "")
+    assert join_contents(*split_contents(ROWS[0]["contents"])) == ROWS[0]["contents"]
+
+
+def test_jsonl_and_parquet_read_the_same_records(tmp_path: Path) -> None:
+    jsonl = write_jsonl(tmp_path / "c.jsonl", ROWS)
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), parquet)
+    from_jsonl = list(read_corpus(jsonl))
+    assert [r.contents for r in from_jsonl] == [r["contents"] for r in ROWS]
+    assert list(read_corpus(parquet)) == from_jsonl
+    assert list(read_corpus(jsonl, skip=2)) == from_jsonl[2:]
+    assert list(read_corpus(parquet, skip=1)) == from_jsonl[1:]
+    assert count_records(jsonl) == count_records(parquet) == 3
+
+
+def test_title_text_records_become_wiki18_contents(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "t.jsonl", [{"title": "Paris", "text": "Capital."}, {"title": "X", "text": "Y"}])
+    records = list(read_corpus(path))
+    assert records[0].id == "0" and records[0].contents == '"Paris"\nCapital.'
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "1", "body": "nothing usable"}])
+    with pytest.raises(ValueError, match="neither 'contents' nor 'text'"):
+        list(read_corpus(bad))
+
+
+def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    b = write_jsonl(tmp_path / "b.jsonl", ROWS[:2])
+    assert corpus_fingerprint(a) == corpus_fingerprint(a)
+    assert corpus_fingerprint(a) != corpus_fingerprint(b)
+
+
+def test_configs_forbid_unknown_keys_and_document_every_field() -> None:
+    with pytest.raises(ValidationError, match="no_such_key"):
+        RetrievalConfig.model_validate({"no_such_key": 1})
+    with pytest.raises(ValidationError):
+        RetrievalConfig.model_validate({"server": {"port": 70000}})
+    config = RetrievalConfig.model_validate({"topk": 3, "urls": ["http://127.0.0.1:1"], "result_format": "searchr1"})
+    assert config.server.host == "127.0.0.1" and config.encoder.name_or_path == "all-MiniLM-L6-v2"
+    for model in (EncoderConfig, ServerConfig, RetrievalConfig):
+        undocumented = [name for name, field in model.model_fields.items() if not field.description]
+        assert not undocumented, f"{model.__name__}: {undocumented}"
+
+
+def test_query_cache_evicts_least_recently_used() -> None:
+    cache = QueryCache(2)
+    cache.put(("a", 5), [])
+    cache.put(("b", 5), [])
+    assert cache.get(("a", 5)) == []  # refreshes a
+    cache.put(("c", 5), [])
+    assert cache.get(("b", 5)) is None and cache.get(("a", 5)) == [] and cache.get(("c", 5)) == []
+    disabled = QueryCache(0)
+    disabled.put(("a", 5), [])
+    assert disabled.get(("a", 5)) is None
+
+
+def test_result_block_formats() -> None:
+    passages = [
+        Passage(id="0", title="Evan Morris", text="Evan L. Morris was a lobbyist.", score=0.9),
+        Passage(id="2", title="Vruaria", text="Vruaria is a country.", score=0.5),
+    ]
+    assert format_result_block(passages) == ROWS[0]["contents"] + "\n\n" + ROWS[2]["contents"]
+    assert format_result_block(passages, style="searchr1") == (
+        "Doc 1(Title: Evan Morris) Evan L. Morris was a lobbyist.\nDoc 2(Title: Vruaria) Vruaria is a country."
+    )
+    assert format_result_block([]) == ""
+    with pytest.raises(ValueError, match="unknown result style"):
+        format_result_block(passages, style="xml")  # type: ignore[arg-type]
+
+
+def test_encoder_resolution_and_pooling_config(tmp_path: Path) -> None:
+    packaged = resolve_encoder_path("all-MiniLM-L6-v2")
+    assert (packaged / "model.safetensors").is_file()
+    assert resolve_encoder_path("sentence-transformers/all-MiniLM-L6-v2") == packaged
+    assert read_pooling(packaged) == "mean"
+    assert read_pooling(tmp_path) == "mean"  # no sentence-transformers config: E5's mean pooling
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert read_pooling(tmp_path) == "cls"
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_encoder_path(str(tmp_path))
+
+
+def test_index_refuses_another_encoder() -> None:
+    meta = IndexMeta(
+        encoder="sentence-transformers/all-MiniLM-L6-v2", pooling="mean", e5_prefixes=False, dim=384,
+        factory="Flat", corpus_path="c.jsonl", corpus_fingerprint="x", count=3,
+    )
+    assert canonical_encoder_name(meta.encoder) == canonical_encoder_name("all-MiniLM-L6-v2")
+    check_encoder(meta, "all-MiniLM-L6-v2", 384)
+    with pytest.raises(ValueError, match="intfloat/e5-base-v2"):
+        check_encoder(meta, "intfloat/e5-base-v2", 768)
