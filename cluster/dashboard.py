@@ -1,0 +1,40 @@
+"""`research dashboard RUN_DIR`: TensorBoard over a run's scalars, bound to 127.0.0.1 unless told otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def tensorboard_command(run_dir: str | Path, host: str = "127.0.0.1", port: int = 6006) -> list[str]:
+    """The TensorBoard command line for a run directory (its tensorboard/ subdirectory when present)."""
+    logdir = Path(run_dir)
+    if (logdir / "tensorboard").is_dir():
+        logdir = logdir / "tensorboard"
+    executable = shutil.which("tensorboard") or str(Path(sys.executable).with_name("tensorboard"))
+    return [executable, "--logdir", str(logdir), "--host", host, "--port", str(port)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve TensorBoard on a run until interrupted."""
+    parser = argparse.ArgumentParser(prog="research dashboard", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a run directory written by `research train`")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=6006)
+    args = parser.parse_args(argv)
+    if not Path(args.run_dir).is_dir():
+        print(f"research dashboard: no such run directory {args.run_dir}", file=sys.stderr)
+        return 2
+    command = tensorboard_command(args.run_dir, args.host, args.port)
+    print(f"TensorBoard on http://{args.host}:{args.port} ({' '.join(command)})")
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

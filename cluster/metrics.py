@@ -1,0 +1,115 @@
+"""One logging path for a run: JSONL file, TensorBoard scalars, optional W&B, Ray metrics, and the end-of-run PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_PNG = "curves.png"
+# The curves a ReSearch practitioner watches (paper Fig. 3/4): reward, response length, search calls.
+CURVES = (
+    ("reward/mean", "val/reward", "reward"),
+    ("rollout/response_length", None, "response length (tokens)"),
+    ("rollout/searches", None, "searches per trajectory"),
+)
+
+
+class MetricsLogger:
+    """Writes each step's scalars to run_dir/metrics.jsonl, TensorBoard, W&B (when configured) and Ray metrics."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, wandb_project: str | None = None,
+                 run_name: str | None = None, config: dict[str, Any] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self._wandb = None
+        if wandb_project:
+            import wandb  # optional: only when configured
+
+            self._wandb = wandb.init(project=wandb_project, name=run_name, config=config, dir=str(self.run_dir))
+        self._gauges: dict[str, Any] = {}
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Record one step's scalars everywhere; non-finite values are written to JSONL as null."""
+        clean = {k: float(v) for k, v in scalars.items() if v is not None}
+        record = {"step": step, "time": time.time(),
+                  **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in clean.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+        self._export_ray(clean)
+
+    def _export_ray(self, scalars: dict[str, float]) -> None:
+        """Ray metrics (Prometheus via the dashboard) when this process is attached to a Ray cluster."""
+        try:
+            import ray
+            from ray.util.metrics import Gauge
+        except ImportError:
+            return
+        if not ray.is_initialized():
+            return
+        for key, value in scalars.items():
+            name = "research_" + "".join(c if c.isalnum() else "_" for c in key)
+            if name not in self._gauges:
+                self._gauges[name] = Gauge(name, description=key)
+            if math.isfinite(value):
+                self._gauges[name].set(value)
+
+    def close(self) -> None:
+        """Flush and close every sink."""
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of run_dir/metrics.jsonl, in order."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_curves(run_dir: str | Path) -> Path:
+    """Write run_dir/curves.png: reward (train and validation), response length and searches per trajectory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
+    for axis, (train_key, val_key, title) in zip(axes, CURVES, strict=True):
+        for key, label, style in ((train_key, "train", "-o"), (val_key, "validation", "--s")):
+            if key is None:
+                continue
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                steps, values = zip(*points, strict=True)
+                axis.plot(steps, values, style, markersize=3, label=label)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if val_key is not None:
+            axis.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / CURVES_PNG
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

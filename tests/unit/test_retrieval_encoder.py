@@ -1,0 +1,68 @@
+"""The encoder with the packaged MiniLM: normalisation, batching order, E5 prefixes, pooling from the folder config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_service.config import EncoderConfig
+from retrieval_service.encoder import Encoder, resolve_encoder_path
+
+TEXTS = ['"Teboara"\nTeboara is a city in Vruaria on the river Dreindou.', "short", "", "who founded Teboara?"]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Encoder:
+    return Encoder(EncoderConfig(device="cpu"))
+
+
+def linked_copy(target: Path, pooling: dict | None = None) -> Path:
+    """A folder of symlinks to the packaged model, optionally with another pooling config."""
+    source = resolve_encoder_path("all-MiniLM-L6-v2")
+    target.mkdir()
+    for item in source.iterdir():
+        if item.name != "1_Pooling":
+            (target / item.name).symlink_to(item)
+    (target / "1_Pooling").mkdir()
+    config = pooling or json.loads((source / "1_Pooling" / "config.json").read_text())
+    (target / "1_Pooling" / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_vectors_are_unit_float32_and_batching_keeps_order(minilm: Encoder) -> None:
+    batched = minilm.encode_passages(TEXTS, batch_size=2)
+    assert batched.shape == (len(TEXTS), 384) and batched.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    one_by_one = np.concatenate([minilm.encode_passages([t]) for t in TEXTS])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    assert minilm.encode_queries([]).shape == (0, 384)
+    # A question is closer to the passage that answers it than to the others.
+    assert int(np.argmax(batched @ minilm.encode_queries(["On which river does Teboara lie?"])[0])) == 0
+
+
+def test_e5_name_adds_query_and_passage_prefixes(minilm: Encoder, tmp_path: Path) -> None:
+    e5_like = Encoder(EncoderConfig(name_or_path=str(linked_copy(tmp_path / "my-e5-small")), device="cpu"))
+    assert e5_like.is_e5 and not minilm.is_e5
+    np.testing.assert_allclose(
+        e5_like.encode_queries(["who founded Teboara?"]), minilm.encode_queries(["query: who founded Teboara?"]),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        e5_like.encode_passages(["Teboara is a city."]), minilm.encode_passages(["passage: Teboara is a city."]),
+        atol=1e-5,
+    )
+
+
+def test_pooling_follows_the_sentence_transformers_config(tmp_path: Path) -> None:
+    cls_folder = linked_copy(tmp_path / "cls-pooled", pooling={"pooling_mode_cls_token": True})
+    encoder = Encoder(EncoderConfig(name_or_path=str(cls_folder), device="cpu"))
+    assert encoder.pooling == "cls"
+    with torch.inference_mode():
+        batch = encoder.tokenizer([TEXTS[0]], return_tensors="pt")
+        cls = encoder.model(**batch).last_hidden_state[:, 0]
+        expected = torch.nn.functional.normalize(cls, dim=-1).numpy()
+    np.testing.assert_allclose(encoder.encode_passages([TEXTS[0]]), expected, atol=1e-5)
