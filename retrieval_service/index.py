@@ -62,12 +62,13 @@ def read_meta(index_dir: str | Path) -> IndexMeta:
     return IndexMeta.model_validate_json(path.read_text())
 
 
-def check_encoder(meta: IndexMeta, encoder_name: str, dim: int) -> None:
+def check_encoder(meta: IndexMeta, encoder_name: str, dim: int | None = None) -> None:
     """Refuse to search an index with an encoder other than the one that built it."""
-    if canonical_encoder_name(meta.encoder) != canonical_encoder_name(encoder_name) or meta.dim != dim:
+    same_name = canonical_encoder_name(meta.encoder) == canonical_encoder_name(encoder_name)
+    if not same_name or (dim is not None and meta.dim != dim):
         raise ValueError(
             f"index was built with encoder {meta.encoder!r} (dim {meta.dim}) but the service encoder is "
-            f"{encoder_name!r} (dim {dim}); serve it with --encoder {meta.encoder!r} or rebuild the index"
+            f"{encoder_name!r} (dim {dim or '?'}); serve it with --encoder {meta.encoder!r} or rebuild the index"
         )
 
 

@@ -31,6 +31,7 @@ class Retriever:
     ) -> None:
         self.index = PassageIndex(index_dir, use_gpu=use_gpu)
         config = encoder_config or EncoderConfig(name_or_path=self.index.meta.encoder)
+        check_encoder(self.index.meta, config.name_or_path)  # before loading a model that would be refused
         self.encoder = Encoder(config)
         check_encoder(self.index.meta, config.name_or_path, self.encoder.dim)
 

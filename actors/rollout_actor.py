@@ -1,0 +1,151 @@
+"""The RolloutActor: one vLLM engine and one retrieval client, turning prompt groups into scored Arrow batches.
+
+A plain class, so it runs in-process (tests, the bench) and as a Ray actor (`remote_rollout_actor(config)` reserves
+the CPUs/GPUs the config asks for, so the number of actors scales on its own). Its methods are coroutines: Ray runs
+it as an async actor, and groups from many calls share the engine concurrently.
+
+Weight updates may land while groups are in flight: vLLM applies them between engine steps, so a trajectory can hold
+tokens of two consecutive versions. It is stamped with the version it started under, and its behaviour logprobs are
+those of the weights that actually sampled each token, so the learner's importance ratio stays correct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from actors.config import RolloutConfig
+from actors.engine import RolloutEngine
+from actors.search_loop import PromptGroup, SearchSettings, rollout_group
+
+
+class RolloutActor:
+    """Owns one RolloutEngine and one RetrievalClient; samples groups, loads broadcast weights, reports metrics."""
+
+    def __init__(
+        self,
+        model: str,
+        config: RolloutConfig | None = None,
+        retrieval_urls: Sequence[str] = (),
+        topk: int = 5,
+        result_style: Literal["research", "searchr1"] = "research",
+        retrieval_timeout_s: float = 30.0,
+        retrieval_retries: int = 4,
+        seed: int = 0,
+        policy_version: int = 0,
+    ) -> None:
+        from retrieval_service.client import RetrievalClient
+
+        self.config = config or RolloutConfig()
+        self.engine = RolloutEngine(model, self.config.engine, seed=seed)
+        self.client = RetrievalClient(list(retrieval_urls), timeout=retrieval_timeout_s, retries=retrieval_retries)
+        self.settings = SearchSettings(topk=topk, result_style=result_style)
+        self._policy_version = policy_version
+        self._in_flight = 0
+        self._totals: dict[str, float] = {}
+        self._last_sync: dict[str, Any] = {}
+
+    async def _group(self, group: PromptGroup, policy_version: int | None) -> pa.RecordBatch:
+        self._in_flight += 1
+        try:
+            version = self._policy_version if policy_version is None else policy_version
+            batch = await rollout_group(
+                self.engine, self.client, group, self.config.group_size, self.config.sampling, self.settings, version
+            )
+        finally:
+            self._in_flight -= 1
+        self._count(batch)
+        return batch
+
+    def _count(self, batch: pa.RecordBatch) -> None:
+        totals = self._totals
+        totals["groups"] = totals.get("groups", 0) + 1
+        totals["trajectories"] = totals.get("trajectories", 0) + batch.num_rows
+        for column in ("reward", "num_turns", "num_searches", "retrieval_errors", "generated_tokens",
+                       "inserted_tokens", "generation_seconds", "retrieval_seconds", "finished", "truncated"):
+            values = batch.column(column).to_pylist()
+            totals[column] = totals.get(column, 0) + float(sum(values))
+
+    async def generate_groups(
+        self, prompt_groups: Sequence[PromptGroup], policy_version: int | None = None
+    ) -> list[pa.RecordBatch]:
+        """One scored record batch per prompt group (group_size samples each), in the order given."""
+        return list(await asyncio.gather(*(self._group(group, policy_version) for group in prompt_groups)))
+
+    async def stream_groups(
+        self, prompt_groups: Sequence[PromptGroup], policy_version: int | None = None
+    ) -> AsyncIterator[pa.RecordBatch]:
+        """The same batches as `generate_groups`, each yielded as soon as its group finishes."""
+        tasks = [asyncio.ensure_future(self._group(group, policy_version)) for group in prompt_groups]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                yield await finished
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int) -> list[int]:
+        """Join the learner's weight group (collective: the learner's WeightSender.connect runs meanwhile)."""
+        return await self.engine.collective_rpc(
+            "research_join_weight_group", args=(host, port, world_size, rank_offset)
+        )
+
+    async def update_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Receive and load the weights the learner broadcasts for `manifest`; then drop stale prefix-cache KV."""
+        started = time.perf_counter()
+        workers = await self.engine.collective_rpc("research_load_weights", args=(manifest,))
+        await self.engine.reset_prefix_cache()
+        self._policy_version = int(manifest["policy_version"])
+        self._last_sync = {
+            "policy_version": self._policy_version,
+            "seconds": time.perf_counter() - started,
+            "load_seconds": max(float(w["seconds"]) for w in workers),
+            "bytes": int(workers[0]["bytes"]),
+            "workers": len(workers),
+        }
+        return dict(self._last_sync)
+
+    def policy_version(self) -> int:
+        """The policy version of the weights the engine holds."""
+        return self._policy_version
+
+    def metrics(self, reset: bool = True) -> dict[str, float]:
+        """Totals since the last call (groups, trajectories, tokens, searches, errors, seconds) and their means."""
+        totals = dict(self._totals)
+        trajectories = totals.get("trajectories", 0)
+        for column in ("reward", "num_turns", "num_searches", "generated_tokens", "finished", "truncated"):
+            if trajectories:
+                totals[f"mean_{column}"] = totals[column] / trajectories
+        totals["policy_version"] = self._policy_version
+        totals["in_flight_groups"] = self._in_flight
+        totals.update({f"last_sync_{k}": v for k, v in self._last_sync.items() if k != "policy_version"})
+        if reset:
+            self._totals = {}
+        return totals
+
+    async def health(self) -> dict[str, Any]:
+        """Whether the engine answers, which weights it holds, and what is in flight."""
+        workers = await self.engine.collective_rpc("research_policy_version")
+        return {
+            "ok": True,
+            "policy_version": self._policy_version,
+            "worker_policy_versions": list(workers),
+            "in_flight_groups": self._in_flight,
+            "engine_startup_seconds": self.engine.startup_seconds,
+        }
+
+    async def aclose(self) -> None:
+        """Close the retrieval client and stop the engine."""
+        await self.client.aclose()
+        self.engine.shutdown()
+
+
+def remote_rollout_actor(config: RolloutConfig) -> Any:
+    """The Ray actor class of RolloutActor with the CPUs and GPUs `config` reserves per actor."""
+    import ray
+
+    return ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)(RolloutActor)

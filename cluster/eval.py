@@ -1,0 +1,327 @@
+"""The eval driver: greedy ReSearch rollouts of a policy over benchmark files, scored by EM/F1 and an LLM judge.
+
+    python -m cluster.eval CONFIG --data FILE [--data NAME=FILE ...] --out DIR [--model PATH] [key=value ...]
+
+It reuses the training config (policy, prompt template, engine, retrieval) and the training search loop: one
+RolloutActor (vLLM engine + retrieval client) with group size 1 at temperature 0, against the configured retrieval
+service URLs or a service it starts on 127.0.0.1 over `retrieval.index_dir` (or the synthetic world's index).
+Each finished question is appended to `<out>/<benchmark>/records.jsonl` at once, so an interrupted eval resumes
+where it stopped; a rerun with nothing left to roll out starts no engine and only judges and rewrites the tables.
+Judging runs after the rollouts, over every record that has no verdict yet (so a judge can be added later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from actors.config import RolloutConfig
+from cluster.config import ConfigError, JobConfig, load_config
+from cluster.eval_report import (
+    RECORDS,
+    RecordsWriter,
+    check_meta,
+    read_records_file,
+    summarize,
+    write_records_file,
+    write_tables,
+)
+from cluster.paper_results import canonical_benchmark
+from qa.judge import JudgeSettings, LLMJudge
+from qa.readers import read_records
+from qa.records import QARecord
+from qa.scoring import cover_exact_match
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Benchmark:
+    """One benchmark file of the eval: its name (the output sub-directory) and its questions, keyed uniquely."""
+
+    name: str
+    path: Path
+    questions: list[tuple[str, QARecord]]
+
+
+def benchmark_name(path: Path) -> str:
+    """hotpotqa, 2wikimultihopqa, musique or bamboogle when the file or its folder says so, else the file's stem."""
+    return canonical_benchmark(path.name) or canonical_benchmark(path.parent.name) or path.stem
+
+
+def load_benchmarks(data: Sequence[str], limit: int | None = None) -> list[Benchmark]:
+    """Benchmarks from `--data` values (FILE or NAME=FILE), each limited to its first `limit` questions."""
+    benchmarks: list[Benchmark] = []
+    for value in data:
+        name, _, file = value.rpartition("=") if "=" in value else ("", "", value)
+        path = Path(file)
+        name = name or benchmark_name(path)
+        if any(b.name == name for b in benchmarks):
+            name = f"{name}-{path.stem}"
+        questions: list[tuple[str, QARecord]] = []
+        seen: dict[str, int] = {}
+        for record in read_records(path):
+            if limit is not None and len(questions) >= limit:
+                break
+            # Some files repeat an id; the key must stay unique for resuming.
+            seen[record.id] = seen.get(record.id, 0) + 1
+            key = record.id if seen[record.id] == 1 else f"{record.id}#{seen[record.id]}"
+            questions.append((key, record))
+        benchmarks.append(Benchmark(name, path, questions))
+    return benchmarks
+
+
+def greedy_rollout_config(config: JobConfig) -> RolloutConfig:
+    """The training rollout config turned into the paper's eval setting: one greedy sample per question."""
+    rollout = config.rollout.model_copy(deep=True)
+    rollout.num_actors = 1
+    rollout.group_size = 1
+    rollout.sampling.temperature = 0.0
+    rollout.sampling.top_p = 1.0
+    rollout.sampling.top_k = -1
+    rollout.sampling.seed = config.seed
+    return rollout
+
+
+def eval_meta(config: JobConfig, model: str) -> dict[str, Any]:
+    """What determines the records: a resumed eval must match it."""
+    sampling = config.rollout.sampling
+    return {
+        "model": model,
+        "prompt_template": config.rollout.prompt_template,
+        "max_response_tokens": sampling.max_response_tokens,
+        "max_turns": sampling.max_turns,
+        "topk": config.retrieval.topk,
+        "result_format": config.retrieval.result_format,
+        "retrieval_index": config.retrieval.index_dir or "synthetic-world",
+    }
+
+
+class EvalSession:
+    """A greedy RolloutActor and the retrieval service it searches (started here unless URLs are configured)."""
+
+    def __init__(self, config: JobConfig, model: str, retrieval_urls: Sequence[str] = (),
+                 log_dir: Path | None = None) -> None:
+        from actors.rollout_actor import RolloutActor
+        from cluster.models import resolve_policy
+
+        self.config = config
+        self._stack = contextlib.ExitStack()
+        urls = list(retrieval_urls) or list(config.retrieval.urls)
+        try:
+            if not urls:
+                from cluster.job_setup import ensure_index
+                from retrieval_service.process import ServiceProcess
+
+                log_path = (log_dir / "retrieval.log") if log_dir else None
+                service = self._stack.enter_context(ServiceProcess(ensure_index(config), log_path=log_path))
+                urls = [service.url]
+            self.actor = RolloutActor(
+                resolve_policy(model), greedy_rollout_config(config), retrieval_urls=urls,
+                topk=config.retrieval.topk, result_style=config.retrieval.result_format,
+                retrieval_timeout_s=config.retrieval.timeout_s, retrieval_retries=config.retrieval.retries,
+                seed=config.seed,
+            )
+        except BaseException:
+            self._stack.close()
+            raise
+        self.rollouts = 0
+        """Questions rolled out by this session (tests check that a resume redoes none)."""
+
+    async def rollout(self, key: str, record: QARecord) -> dict[str, Any]:
+        """Roll out one question greedily and return its eval record."""
+        from actors.prompts import build_prompt_ids
+        from actors.search_loop import PromptGroup
+
+        prompt_ids = build_prompt_ids(record.question, self.config.rollout.prompt_template, self.actor.engine.tokenizer)
+        (batch,) = await self.actor.generate_groups([PromptGroup(key, prompt_ids, list(record.golden_answers))])
+        self.rollouts += 1
+        row = batch.slice(0, 1).to_pylist()[0]
+        return {
+            "key": key,
+            "id": record.id,
+            "question": record.question,
+            "golden_answers": list(record.golden_answers),
+            "response": row["response_text"],
+            "answer": row["answer"],
+            "format_valid": bool(row["format_valid"]),
+            "em": float(row["em"]),
+            "f1": float(row["f1"]),
+            "cover_em": cover_exact_match(row["answer"], record.golden_answers),
+            "reward": float(row["reward"]),
+            "num_searches": int(row["num_searches"]),
+            "num_turns": int(row["num_turns"]),
+            "response_tokens": int(row["generated_tokens"]),
+            "inserted_tokens": int(row["inserted_tokens"]),
+            "prompt_tokens": len(prompt_ids),
+            "end_reason": row["end_reason"],
+            "retrieval_errors": int(row["retrieval_errors"]),
+            "judge": None,
+        }
+
+    async def aclose(self) -> None:
+        """Stop the engine, then the retrieval service we started."""
+        try:
+            await self.actor.aclose()
+        finally:
+            self._stack.close()
+
+
+SessionSource = EvalSession | Callable[[], EvalSession]
+
+
+async def _roll_out(benchmark: Benchmark, out_dir: Path, session: EvalSession, concurrency: int) -> None:
+    """Roll out every question of `benchmark` that has no record yet, appending each record as it finishes."""
+    path = out_dir / benchmark.name / RECORDS
+    order = {key: index for index, (key, _) in enumerate(benchmark.questions)}
+    done = [r for r in read_records_file(path) if r.get("key") in order]
+    # Rewrite first: a line cut short by a kill must not be glued to the next appended record.
+    write_records_file(path, done)
+    finished = {r["key"] for r in done}
+    pending = [(key, record) for key, record in benchmark.questions if key not in finished]
+    if not pending:
+        return
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(key: str, record: QARecord) -> dict[str, Any]:
+        async with slots:
+            return await session.rollout(key, record)
+
+    writer = RecordsWriter(path)
+    tasks = [asyncio.ensure_future(one(key, record)) for key, record in pending]
+    try:
+        with tqdm(total=len(benchmark.questions), initial=len(done), desc=benchmark.name, unit="q",
+                  disable=None) as progress:
+            for next_done in asyncio.as_completed(tasks):
+                writer.append(await next_done)
+                progress.update(1)
+    finally:
+        for task in tasks:
+            task.cancel()
+        writer.close()
+
+
+async def _judge(records: list[dict[str, Any]], judge: LLMJudge) -> int:
+    """Fill the verdict of every record that has none or an unjudged one; returns how many were asked."""
+    todo = [r for r in records if not r.get("judge") or r["judge"]["status"] == "unjudged"]
+    verdicts = await judge.judge_many([(r["question"], r["answer"], r["golden_answers"]) for r in todo])
+    for record, verdict in zip(todo, verdicts, strict=True):
+        record["judge"] = verdict.to_json()
+    return len(todo)
+
+
+async def evaluate(
+    benchmarks: Sequence[Benchmark], out_dir: Path, session: SessionSource, *, policy_name: str,
+    judge_settings: JudgeSettings | None = None, concurrency: int = 64,
+) -> Path:
+    """Roll out what is missing, judge what is unjudged, write records in file order and the tables; returns results.md.
+
+    `session` is an EvalSession, or a callable that starts one: it is then started only if a question is left
+    to roll out, and closed here.
+    """
+    active = session if isinstance(session, EvalSession) else None
+    owned = active is None
+    try:
+        for benchmark in benchmarks:
+            path = out_dir / benchmark.name / RECORDS
+            keys = {key for key, _ in benchmark.questions}
+            if keys <= {r.get("key") for r in read_records_file(path)}:
+                continue
+            if active is None:
+                active = session()  # type: ignore[operator]  # a factory: start the engine only when needed
+            await _roll_out(benchmark, out_dir, active, concurrency)
+    finally:
+        if owned and active is not None:
+            await active.aclose()
+
+    rows = []
+    judge = LLMJudge(judge_settings, out_dir / "judge_cache.jsonl") if judge_settings else None
+    try:
+        for benchmark in benchmarks:
+            path = out_dir / benchmark.name / RECORDS
+            order = {key: index for index, (key, _) in enumerate(benchmark.questions)}
+            by_key = {r["key"]: r for r in read_records_file(path) if r.get("key") in order}
+            records = sorted(by_key.values(), key=lambda r: order[r["key"]])
+            if judge is not None:
+                asked = await _judge(records, judge)
+                log.info("%s: judged %d answers (%d HTTP requests so far)", benchmark.name, asked, judge.requests)
+            write_records_file(path, records)
+            # Verdicts an earlier run recorded still count when this run configures no judge.
+            judged = judge is not None or bool(records) and all(r.get("judge") for r in records)
+            rows.append(summarize(benchmark.name, records, policy_name, judged=judged))
+    finally:
+        if judge is not None:
+            await judge.aclose()
+    description = None
+    if judge_settings is not None:
+        description = f"{judge_settings.model} at {judge_settings.base_url}"
+    elif any(row["lj"] is not None for row in rows):
+        description = "the verdicts recorded by an earlier run (no judge configured for this one)"
+    return write_tables(out_dir, rows, description)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="research eval", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="the training config (YAML file or preset name)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config")
+    parser.add_argument("--data", action="append", required=True,
+                        help="benchmark file in any format qa/ reads, or NAME=FILE; repeatable")
+    parser.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint export or HF model to evaluate (default: the config's policy)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each file")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="questions in flight at once (default: the engine's max_num_seqs)")
+    parser.add_argument("--restart", action="store_true", help="discard records of a different earlier eval")
+    judge = parser.add_argument_group("LLM-as-a-Judge (any OpenAI-compatible chat endpoint)")
+    judge.add_argument("--judge-url", default=None, help="base URL with version prefix, e.g. http://127.0.0.1:8001/v1")
+    judge.add_argument("--judge-model", default=None, help="model the judge endpoint serves (the paper: gpt-4o-mini)")
+    judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env var holding the judge's API key")
+    judge.add_argument("--judge-concurrency", type=int, default=8, help="judge requests in flight at once")
+    judge.add_argument("--judge-structured", action="store_true", help="ask for the verdict JSON schema")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `research eval` and `python -m cluster.eval`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    if bool(args.judge_url) != bool(args.judge_model):
+        print("error: --judge-url and --judge-model go together", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config, args.overrides)
+        benchmarks = load_benchmarks(args.data, args.limit)
+        model = args.model or config.policy.name_or_path
+        out_dir = Path(args.out)
+        check_meta(out_dir, eval_meta(config, model), args.restart)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.restart:
+        for benchmark in benchmarks:
+            (out_dir / benchmark.name / RECORDS).unlink(missing_ok=True)
+    judge = None
+    if args.judge_url:
+        judge = JudgeSettings(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
+                              concurrency=args.judge_concurrency, structured_output=args.judge_structured)
+    concurrency = args.concurrency or config.rollout.engine.max_num_seqs
+    markdown = asyncio.run(evaluate(
+        benchmarks, out_dir, lambda: EvalSession(config, model, log_dir=out_dir),
+        policy_name=config.policy.name_or_path, judge_settings=judge, concurrency=concurrency,
+    ))
+    print(markdown.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""What a job needs before its first step: questions as prompt ids, a corpus index, and retrieval service URLs.
+
+With no data files configured, the job uses the synthetic world of `data.world_seed` / `data.world_passages`, and its
+index, both cached under $RESEARCH_CACHE/worlds so that repeated runs (tests, the demo) build them once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.config import JobConfig
+from cluster.models import cache_root
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Question:
+    """One training or validation question, with its prompt already tokenised for the policy."""
+
+    prompt_id: str
+    question: str
+    golden_answers: list[str]
+    prompt_ids: list[int]
+
+
+def world_dir(config: JobConfig) -> Path:
+    """The cached synthetic world (and its index) of this config's seed and size."""
+    return cache_root() / "worlds" / f"seed{config.data.world_seed}-n{config.data.world_passages}"
+
+
+def ensure_world(config: JobConfig) -> Path:
+    """Generate the synthetic world once; later calls reuse it."""
+    from qa.world import generate_world
+
+    directory = world_dir(config)
+    if not (directory / "world.json").is_file():
+        generate_world(directory, seed=config.data.world_seed, num_passages=config.data.world_passages)
+    return directory
+
+
+def ensure_index(config: JobConfig) -> Path:
+    """The index the job serves: retrieval.index_dir when set, else the synthetic world's (built once, resumable)."""
+    if config.retrieval.index_dir:
+        return Path(config.retrieval.index_dir)
+    from retrieval_service.build import build_index
+
+    directory = ensure_world(config) / "index"
+    build_index(ensure_world(config) / "corpus.jsonl", directory, config.retrieval.encoder, factory="Flat")
+    return directory
+
+
+def data_files(config: JobConfig) -> tuple[list[Path], list[Path]]:
+    """Training and validation files: the configured ones, or the synthetic world's train/dev."""
+    if config.data.train_files:
+        train = [Path(f) for f in config.data.train_files]
+        val = [Path(f) for f in config.data.val_files]
+        return train, val
+    directory = ensure_world(config)
+    return [directory / "train.jsonl"], [Path(f) for f in config.data.val_files] or [directory / "dev.jsonl"]
+
+
+def load_questions(files: list[Path], tokenizer: Any, template: str, max_prompt_tokens: int,
+                   limit: int | None = None, sample_seed: int | None = None) -> list[Question]:
+    """Read questions in any format qa/ reads and tokenise their prompts; over-long prompts are dropped and counted.
+
+    With `sample_seed`, `limit` questions are drawn at random (the paper's 100-question validation subset);
+    otherwise the first `limit` are kept.
+    """
+    from actors.prompts import build_prompt_ids
+    from qa.readers import read_records
+
+    records = [record for path in files for record in read_records(path)]
+    if sample_seed is not None and limit is not None and limit < len(records):
+        records = random.Random(sample_seed).sample(records, limit)
+    elif limit is not None:
+        records = records[:limit]
+    questions, too_long = [], 0
+    for record in records:
+        ids = build_prompt_ids(record.question, template, tokenizer)
+        if len(ids) > max_prompt_tokens:
+            too_long += 1
+            continue
+        questions.append(Question(f"{record.source}:{record.id}", record.question, list(record.golden_answers), ids))
+    if too_long:
+        log.warning("dropped %d questions whose prompts exceed %d tokens", too_long, max_prompt_tokens)
+    if not questions:
+        raise ValueError(f"no usable questions in {', '.join(map(str, files))}")
+    return questions

@@ -1,0 +1,152 @@
+"""The driver's view of the rollout actors: dispatch with admission control, death detection, scaling, weight sync.
+
+Membership changes (an actor added, removed or replaced) mark the weight group stale; the next sync rebuilds it with
+every live engine before broadcasting, so an actor never generates before it holds the current weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from cluster.data_stream import PromptItem
+
+log = logging.getLogger(__name__)
+ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+@dataclass
+class RolloutSlot:
+    """One rollout actor as the driver tracks it."""
+
+    actor_id: int
+    handle: Any
+    workers: int
+    retiring: bool = False
+    in_flight: dict[int, PromptItem] = field(default_factory=dict)
+
+
+@dataclass
+class Finished:
+    """The outcome of one dispatched group: its batch, or the news that its actor died."""
+
+    item: PromptItem
+    actor_id: int
+    batch: pa.RecordBatch | None
+    error: BaseException | None = None
+
+
+class RolloutPool:
+    """Starts, replaces and retires rollout actors and routes prompt groups to the least-loaded one."""
+
+    def __init__(self, make_actor: Any, learner: Any, sync_timeout_s: float = 600.0) -> None:
+        self._make_actor = make_actor
+        self.learner = learner
+        self.slots: dict[int, RolloutSlot] = {}
+        self._ids = itertools.count()
+        self._tickets = itertools.count()
+        self.group_stale = True
+        self.sync_timeout_s = sync_timeout_s
+        self.replaced = 0
+
+    # ---- membership -------------------------------------------------------------------------------------------
+    def add(self, count: int = 1) -> None:
+        """Start `count` actors; they receive weights at the next sync, before any dispatch."""
+        for _ in range(count):
+            handle, workers = self._make_actor()
+            slot = RolloutSlot(next(self._ids), handle, workers)
+            self.slots[slot.actor_id] = slot
+        self.group_stale = True
+
+    @property
+    def active(self) -> list[RolloutSlot]:
+        """Actors that accept new work."""
+        return [s for s in self.slots.values() if not s.retiring]
+
+    def scale_to(self, target: int) -> None:
+        """Grow or shrink to `target` active actors; shrinking retires the least-loaded ones (they finish first)."""
+        active = self.active
+        if target > len(active):
+            self.add(target - len(active))
+        for slot in sorted(active, key=lambda s: len(s.in_flight))[: max(len(active) - target, 0)]:
+            slot.retiring = True
+
+    def reap_retired(self) -> int:
+        """Kill retiring actors whose work is done; returns how many went."""
+        done = [s for s in self.slots.values() if s.retiring and not s.in_flight]
+        for slot in done:
+            ray.kill(slot.handle)
+            del self.slots[slot.actor_id]
+            self.group_stale = True
+        return len(done)
+
+    def replace_dead(self, actor_id: int) -> list[PromptItem]:
+        """Drop a dead actor, start a replacement; returns its prompts for requeueing."""
+        slot = self.slots.pop(actor_id, None)
+        if slot is None:
+            return []
+        log.warning("rollout actor %d died; requeueing %d prompts and starting a replacement",
+                    actor_id, len(slot.in_flight))
+        with_retire = slot.retiring
+        self.replaced += 1
+        if not with_retire:
+            self.add(1)
+        self.group_stale = True
+        return list(slot.in_flight.values())
+
+    # ---- work ---------------------------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Groups dispatched and not yet returned."""
+        return sum(len(s.in_flight) for s in self.slots.values())
+
+    def dispatch(self, item: PromptItem, question: Any, policy_version: int, sampling: dict | None = None,
+                 group_size: int | None = None) -> asyncio.Future:
+        """Send one prompt group to the least-loaded active actor; the future resolves to a Finished."""
+        slot = min(self.active, key=lambda s: (len(s.in_flight), s.actor_id))
+        ticket = next(self._tickets)
+        slot.in_flight[ticket] = item
+        ref = slot.handle.generate_group.remote(
+            question.prompt_id, question.prompt_ids, question.golden_answers, policy_version,
+            sampling=sampling, group_size=group_size,
+        )
+        return asyncio.ensure_future(self._collect(slot, ticket, item, ref))
+
+    async def _collect(self, slot: RolloutSlot, ticket: int, item: PromptItem, ref: Any) -> Finished:
+        try:
+            batch = await ref
+            return Finished(item, slot.actor_id, batch)
+        except ACTOR_GONE as error:
+            return Finished(item, slot.actor_id, None, error)
+        finally:
+            slot.in_flight.pop(ticket, None)
+
+    # ---- weights ------------------------------------------------------------------------------------------------
+    def _rebuild_group(self) -> None:
+        """A new standalone weight group of learner rank 0 + every worker of every live engine."""
+        slots = list(self.slots.values())
+        world_size = 1 + sum(s.workers for s in slots)
+        host, port = self.learner.open_weight_group(world_size)
+        joins, offset = [], 1
+        for slot in slots:
+            joins.append(slot.handle.join_weight_group.remote(host, port, world_size, offset))
+            offset += slot.workers
+        ray.get([self.learner.connect_weight_group(), *joins], timeout=self.sync_timeout_s)
+        self.group_stale = False
+
+    def sync_weights(self, bump_version: bool) -> dict[str, Any]:
+        """Broadcast the learner's weights to every engine (one control call each); rebuilds the group if stale."""
+        if self.group_stale:
+            self._rebuild_group()
+        slots = list(self.slots.values())
+        info = self.learner.sync_weights(
+            lambda manifest: [s.handle.load_weights.remote(manifest) for s in slots], bump_version=bump_version
+        )
+        return info

