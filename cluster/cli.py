@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "models": ("cluster.cli", "models_main", "prepare the offline policies (SmolLM2 conversion, tiny test policy)"),
     "config": ("cluster.cli", "config_main", "print a resolved config (preset + key=value overrides) as YAML"),
     "demo": ("cluster.demo", "main", "run the whole pipeline on this machine"),
+    "train": ("cluster.train", "main", "train (the job `ray job submit` runs): CONFIG [key=value ...] [--resume]"),
+    "scale": ("cluster.cli", "scale_main", "change the number of rollout actors of a running job: RUN_DIR N"),
+    "dashboard": ("cluster.dashboard", "main", "serve TensorBoard over a run directory"),
 }
 
 
@@ -33,6 +36,32 @@ def models_main(argv: list[str] | None = None) -> int:
         print(f"tiny-random-qwen2: {tiny_policy_dir()}")
     if args.smollm2:
         print(f"smollm2-135m-instruct: {smollm2_dir()}")
+    return 0
+
+
+def scale_main(argv: list[str] | None = None) -> int:
+    """Ask a running job to scale its rollout actors; it applies the request at its next step boundary."""
+    import json
+    from pathlib import Path
+
+    from cluster.train import CONTROL_FILE
+
+    parser = argparse.ArgumentParser(prog="research scale", description=COMMANDS["scale"][2])
+    parser.add_argument("run_dir", help="the job's run directory")
+    parser.add_argument("num_actors", type=int, help="rollout actors wanted (>= 1)")
+    args = parser.parse_args(argv)
+    if args.num_actors < 1:
+        print("research scale: num_actors must be >= 1", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        print(f"research scale: no such run directory {run_dir}", file=sys.stderr)
+        return 2
+    target = run_dir / CONTROL_FILE
+    partial = target.with_suffix(".tmp")
+    partial.write_text(json.dumps({"num_actors": args.num_actors}))
+    partial.replace(target)  # atomic: the driver never reads half a file
+    print(f"asked {run_dir} for {args.num_actors} rollout actors")
     return 0
 
 

@@ -183,9 +183,10 @@ async def _roll_out(benchmark: Benchmark, out_dir: Path, session: EvalSession, c
     """Roll out every question of `benchmark` that has no record yet, appending each record as it finishes."""
     path = out_dir / benchmark.name / RECORDS
     order = {key: index for index, (key, _) in enumerate(benchmark.questions)}
-    done = [r for r in read_records_file(path) if r.get("key") in order]
+    complete = read_records_file(path)
     # Rewrite first: a line cut short by a kill must not be glued to the next appended record.
-    write_records_file(path, done)
+    write_records_file(path, complete)
+    done = [r for r in complete if r.get("key") in order]
     finished = {r["key"] for r in done}
     pending = [(key, record) for key, record in benchmark.questions if key not in finished]
     if not pending:
@@ -249,12 +250,14 @@ async def evaluate(
         for benchmark in benchmarks:
             path = out_dir / benchmark.name / RECORDS
             order = {key: index for index, (key, _) in enumerate(benchmark.questions)}
-            by_key = {r["key"]: r for r in read_records_file(path) if r.get("key") in order}
+            complete = read_records_file(path)
+            by_key = {r["key"]: r for r in complete if r.get("key") in order}
             records = sorted(by_key.values(), key=lambda r: order[r["key"]])
             if judge is not None:
                 asked = await _judge(records, judge)
                 log.info("%s: judged %d answers (%d HTTP requests so far)", benchmark.name, asked, judge.requests)
-            write_records_file(path, records)
+            # Records of questions outside this run (an earlier, larger --limit) stay in the file, after ours.
+            write_records_file(path, records + [r for r in complete if r.get("key") not in order])
             # Verdicts an earlier run recorded still count when this run configures no judge.
             judged = judge is not None or bool(records) and all(r.get("judge") for r in records)
             rows.append(summarize(benchmark.name, records, policy_name, judged=judged))

@@ -173,6 +173,7 @@ def write_tables(out_dir: Path, rows: Sequence[dict[str, Any]], judge_descriptio
     notes = table_notes(rows, judge_description)
     for row in rows:
         directory = out_dir / row["benchmark"]
+        directory.mkdir(parents=True, exist_ok=True)
         (directory / "results.json").write_text(json.dumps(row, indent=2) + "\n")
         (directory / "results.md").write_text(render_markdown([row], table_notes([row], judge_description)))
     (out_dir / "results.json").write_text(

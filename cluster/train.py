@@ -236,6 +236,8 @@ class Trainer:
         for item, _ in taken:
             self.stream.consume(item)
         self.step += 1
+        with open(self.run_dir / "trained.jsonl", "a", encoding="utf-8") as audit:  # exactly-once audit trail
+            audit.write(json.dumps({"step": self.step, "prompts": [[i.epoch, i.index] for i, _ in taken]}) + "\n")
         step_seconds = time.perf_counter() - step_started
         scalars.update({f"learner/{k}": v for k, v in learner_metrics.items()})
         scalars.update({
@@ -259,6 +261,14 @@ class Trainer:
         self._apply_control()
         if self.pool.reap_retired() or self.pool.group_stale:
             await asyncio.to_thread(self.pool.sync_weights, False)
+        self._write_actors()
+
+    def _write_actors(self) -> None:
+        """run_dir/actors.json: the live rollout actors' PIDs (operators and tests use it)."""
+        pids = ray.get([slot.handle.pid.remote() for slot in self.pool.slots.values()])
+        partial = self.run_dir / "actors.json.tmp"
+        partial.write_text(json.dumps({"step": self.step, "rollout_pids": pids}))
+        partial.replace(self.run_dir / "actors.json")
 
     def shutdown(self) -> None:
         """Stop every actor this job started."""

@@ -45,20 +45,30 @@ def disable_shm_comm() -> None:
     ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_distributed(rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
-    """Join (or create) DeepSpeed's default process group: gloo on CPU, NCCL on GPU; a no-op if one exists."""
+def init_distributed(
+    rank: int | None = None, world_size: int | None = None, master_addr: str | None = None, master_port: int | None = None
+) -> None:
+    """Join (or create) DeepSpeed's default process group: gloo on CPU, NCCL on GPU; a no-op if one exists.
+
+    Arguments left None come from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), else a
+    one-process group on 127.0.0.1 and a free port.
+    """
     if dist.is_available() and dist.is_initialized():
         return
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     disable_shm_comm()
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    master_port = master_port or int(os.environ.get("MASTER_PORT", 0)) or free_port()
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
         WORLD_SIZE=str(world_size),
         MASTER_ADDR=master_addr,
-        MASTER_PORT=str(master_port or free_port()),
+        MASTER_PORT=str(master_port),
     )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -132,6 +132,11 @@ def test_world_eval_with_judge_then_cli_rerun_starts_nothing(
     assert read_records_file(tmp_path / "world" / "records.jsonl") == records
     assert json.loads((tmp_path / "world" / "results.json").read_text())["lj"] is not None  # earlier verdicts
 
+    # A smaller --limit tables the first 4 and keeps the other records on disk.
+    assert main([*argv[:-1], "4"]) == 0 and session.rollouts == rollouts
+    assert json.loads((tmp_path / "world" / "results.json").read_text())["questions"] == 4
+    assert len(read_records_file(tmp_path / "world" / "records.jsonl")) == 8
+
     # A different model in the same out dir is refused rather than mixed in.
     assert main([*argv, "--model", "some/other-model"]) == 2
 

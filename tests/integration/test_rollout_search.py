@@ -29,7 +29,7 @@ from retrieval_service.client import RetrievalClient
 pytestmark = pytest.mark.slow
 
 QUERY = " born river"
-SETTINGS = SearchSettings(topk=3)
+SETTINGS = SearchSettings(topk=1)
 GREEDY = SamplingConfig(temperature=0.0, max_turns=8, max_response_tokens=1500)
 
 
