@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "config": ("cluster.cli", "config_main", "print a resolved config (preset + key=value overrides) as YAML"),
     "demo": ("cluster.demo", "main", "run the whole pipeline on this machine"),
     "train": ("cluster.train", "main", "train (the job `ray job submit` runs): CONFIG [key=value ...] [--resume]"),
+    "eval": ("cluster.eval", "main", "evaluate a policy on benchmark files: CONFIG --data FILE --out DIR"),
+    "data": ("qa.prepare", "main", "prepare data: musique-train, val (100 MuSiQue dev), eval sets"),
     "scale": ("cluster.cli", "scale_main", "change the number of rollout actors of a running job: RUN_DIR N"),
     "dashboard": ("cluster.dashboard", "main", "serve TensorBoard over a run directory"),
 }
