@@ -137,7 +137,8 @@ class RolloutEngine:
             raise RuntimeError("vLLM returned no output for a generation request")
         completion = final.outputs[0]
         token_ids = list(completion.token_ids)
-        logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs or [], token_ids, strict=False)]
+        steps = completion.logprobs or []
+        logprobs = [float(step[token].logprob) for step, token in zip(steps, token_ids, strict=False)]
         if len(logprobs) != len(token_ids):
             raise RuntimeError(f"vLLM returned {len(logprobs)} logprobs for {len(token_ids)} tokens")
         return GenerationResult(

@@ -12,13 +12,14 @@ those of the weights that actually sampled each token, so the learner's importan
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
 
-from actors.config import RolloutConfig
+from actors.config import RolloutConfig, SamplingConfig
 from actors.engine import RolloutEngine
 from actors.search_loop import PromptGroup, SearchSettings, rollout_group
 
@@ -49,12 +50,16 @@ class RolloutActor:
         self._totals: dict[str, float] = {}
         self._last_sync: dict[str, Any] = {}
 
-    async def _group(self, group: PromptGroup, policy_version: int | None) -> pa.RecordBatch:
+    async def _group(
+        self, group: PromptGroup, policy_version: int | None, sampling: SamplingConfig | None = None,
+        group_size: int | None = None,
+    ) -> pa.RecordBatch:
         self._in_flight += 1
         try:
             version = self._policy_version if policy_version is None else policy_version
             batch = await rollout_group(
-                self.engine, self.client, group, self.config.group_size, self.config.sampling, self.settings, version
+                self.engine, self.client, group, group_size or self.config.group_size,
+                sampling or self.config.sampling, self.settings, version,
             )
         finally:
             self._in_flight -= 1
@@ -75,6 +80,18 @@ class RolloutActor:
     ) -> list[pa.RecordBatch]:
         """One scored record batch per prompt group (group_size samples each), in the order given."""
         return list(await asyncio.gather(*(self._group(group, policy_version) for group in prompt_groups)))
+
+    async def generate_group(
+        self, prompt_id: str, prompt_ids: Sequence[int], golden_answers: Sequence[str],
+        policy_version: int | None = None, sampling: dict[str, Any] | None = None, group_size: int | None = None,
+    ) -> pa.RecordBatch:
+        """One prompt's group (the driver's call); `sampling` overrides configured SamplingConfig fields (e.g. greedy
+        validation) and `group_size` the configured group size."""
+        config = self.config.sampling.model_copy(update=sampling) if sampling else None
+        if config is not None:
+            config = SamplingConfig.model_validate(config.model_dump())  # overrides are validated like the YAML
+        group = PromptGroup(prompt_id, list(prompt_ids), list(golden_answers))
+        return await self._group(group, policy_version, config, group_size)
 
     async def stream_groups(
         self, prompt_groups: Sequence[PromptGroup], policy_version: int | None = None
@@ -108,6 +125,14 @@ class RolloutActor:
             "workers": len(workers),
         }
         return dict(self._last_sync)
+
+    async def load_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """The driver's name for `update_weights`."""
+        return await self.update_weights(manifest)
+
+    def pid(self) -> int:
+        """This actor's process id (the driver uses it to kill one in fault-tolerance tests)."""
+        return os.getpid()
 
     def policy_version(self) -> int:
         """The policy version of the weights the engine holds."""
@@ -144,8 +169,23 @@ class RolloutActor:
         self.engine.shutdown()
 
 
-def remote_rollout_actor(config: RolloutConfig) -> Any:
-    """The Ray actor class of RolloutActor with the CPUs and GPUs `config` reserves per actor."""
+def remote_rollout_actor(
+    model: str, config: RolloutConfig, retrieval: Any = None, seed: int = 0
+) -> Callable[[], tuple[Any, int]]:
+    """A factory of Ray RolloutActors reserving the CPUs/GPUs `config` asks for; each call starts one and returns
+    (handle, engine workers in the weight group). `retrieval` is a RetrievalConfig (urls, topk, format, retries)."""
     import ray
 
-    return ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)(RolloutActor)
+    actor_class = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)(RolloutActor)
+    options: dict[str, Any] = {}
+    if retrieval is not None:
+        options = {
+            "retrieval_urls": list(retrieval.urls), "topk": retrieval.topk, "result_style": retrieval.result_format,
+            "retrieval_timeout_s": retrieval.timeout_s, "retrieval_retries": retrieval.retries,
+        }
+
+    def make_actor() -> tuple[Any, int]:
+        return actor_class.remote(model, config, seed=seed, **options), config.engine.tensor_parallel_size
+
+    make_actor.actor_class = actor_class  # type: ignore[attr-defined]
+    return make_actor

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -35,7 +36,7 @@ RETRIEVAL_ERROR_RESULT = "Search failed: the retrieval service did not answer. C
 """Result text when the retrieval client gave up after its retries; counted in `retrieval_errors`."""
 
 
-class Generator(Protocol):
+class Engine(Protocol):
     """What the loop needs of an engine (actors.engine.RolloutEngine)."""
 
     max_model_len: int
@@ -175,15 +176,17 @@ async def retrieve_block(backend: SearchBackend, query: str, settings: SearchSet
     return result_text(passages, settings.result_style), False
 
 
-def turn_seed(sampling: SamplingConfig, group_index: int, turn: int) -> int | None:
-    """A distinct reproducible seed per (sample, turn) when the run is seeded; None otherwise."""
+def turn_seed(sampling: SamplingConfig, prompt_id: str, group_index: int, turn: int) -> int | None:
+    """A distinct reproducible seed per (prompt, sample, turn) when the run is seeded; None otherwise."""
     if sampling.seed is None:
         return None
-    return sampling.seed + 100_003 * group_index + turn
+    # crc32, not hash(): Python salts str hashes per process, and seeds must repeat across runs and actors.
+    mixed = zlib.crc32(f"{sampling.seed}/{prompt_id}/{group_index}/{turn}".encode())
+    return mixed & 0x7FFFFFFF
 
 
 async def run_trajectory(
-    engine: Generator, backend: SearchBackend, prompt_ids: Sequence[int], sampling: SamplingConfig,
+    engine: Engine, backend: SearchBackend, prompt_ids: Sequence[int], sampling: SamplingConfig,
     settings: SearchSettings, *, prompt_id: str = "", group_index: int = 0, policy_version: int = 0,
 ) -> Trajectory:
     """Sample one trajectory with the search loop (unscored: the reward fields keep their defaults)."""
@@ -197,7 +200,7 @@ async def run_trajectory(
 
 
 async def _search_loop(
-    state: TrajectoryState, engine: Generator, backend: SearchBackend, sampling: SamplingConfig,
+    state: TrajectoryState, engine: Engine, backend: SearchBackend, sampling: SamplingConfig,
     settings: SearchSettings,
 ) -> None:
     t = state.trajectory
@@ -208,7 +211,7 @@ async def _search_loop(
         started = time.perf_counter()
         result = await engine.generate(
             state.context_ids(), state.remaining, sampling, stop=(SEARCH_CLOSE,),
-            seed=turn_seed(sampling, t.group_index, turn),
+            seed=turn_seed(sampling, t.prompt_id, t.group_index, turn),
         )
         state.add_generated(result, time.perf_counter() - started)
         query = search_query(state, result)
@@ -239,7 +242,7 @@ def score(trajectory: Trajectory, golden_answers: Sequence[str]) -> Trajectory:
 
 
 async def rollout_group(
-    engine: Generator, backend: SearchBackend, group: PromptGroup, group_size: int, sampling: SamplingConfig,
+    engine: Engine, backend: SearchBackend, group: PromptGroup, group_size: int, sampling: SamplingConfig,
     settings: SearchSettings | None = None, policy_version: int = 0,
 ) -> pa.RecordBatch:
     """`group_size` trajectories of one prompt, sampled concurrently, scored together, as one Arrow record batch."""

@@ -102,9 +102,8 @@ def to_record_batch(trajectories: list[Trajectory]) -> pa.RecordBatch:
         if trajectory.end_reason not in END_REASONS:
             raise ValueError(f"unknown end_reason {trajectory.end_reason!r}")
     columns = [[getattr(t, name) for t in trajectories] for name in _FIELD_NAMES]
-    return pa.RecordBatch.from_arrays(
-        [pa.array(column, type=column_field.type) for column, column_field in zip(columns, SCHEMA, strict=True)], schema=SCHEMA
-    )
+    arrays = [pa.array(column, type=column_field.type) for column, column_field in zip(columns, SCHEMA, strict=True)]
+    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 
 def from_record_batch(batch: pa.RecordBatch | pa.Table) -> list[Trajectory]:

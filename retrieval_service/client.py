@@ -81,7 +81,10 @@ class RetrievalClient:
         result = payload.get("result") if isinstance(payload, dict) else None
         if not isinstance(result, list) or len(result) != len(queries):
             raise RetrievalError(f"malformed /retrieve answer: expected {len(queries)} result lists")
-        return [[self._passage(item) for item in hits] for hits in result]
+        try:
+            return [[self._passage(item) for item in hits] for hits in result]
+        except (KeyError, TypeError, ValueError) as error:
+            raise RetrievalError(f"malformed /retrieve answer: {type(error).__name__}: {error}") from None
 
     @staticmethod
     def _passage(item: dict) -> Passage:

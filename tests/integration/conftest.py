@@ -64,7 +64,7 @@ def tiny_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def rollout_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic world with its faiss index (MiniLM encoder)."""
+    """A small synthetic world with its faiss index (MiniLM encoder) in <world>/index."""
     from qa.world import generate_world
     from retrieval_service.build import build_index
 
@@ -76,7 +76,7 @@ def rollout_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def dev_questions(rollout_world: Path) -> list[dict]:
-    """The world's dev questions (FlashRAG records: question, golden_answers, ...)."""
+    """The world's dev questions (FlashRAG records: id, question, golden_answers, metadata)."""
     with (rollout_world / "dev.jsonl").open() as handle:
         return [json.loads(line) for line in handle]
 
@@ -113,13 +113,13 @@ def actor(tiny_dir: Path, retrieval_url: str, run: Callable[..., Any]) -> Iterat
 
 
 @pytest.fixture(scope="session")
-def sender(actor: Any, run: Callable[..., Any]) -> Iterator[Any]:
+def sender(actor: Any, loop_thread: LoopThread) -> Iterator[Any]:
     """The learner side of the weight group (rank 0 in this process), joined with the actor's engine."""
     from actors.weight_sync import WeightSender
 
     weight_sender = WeightSender("127.0.0.1", 0, world_size=2, timeout_s=60)
     joining = asyncio.run_coroutine_threadsafe(
-        actor.join_weight_group("127.0.0.1", weight_sender.port, 2, 1), _loop_of(run)
+        actor.join_weight_group("127.0.0.1", weight_sender.port, 2, 1), loop_thread.loop
     )
     weight_sender.connect()
     assert joining.result(60) == [1]
@@ -127,18 +127,14 @@ def sender(actor: Any, run: Callable[..., Any]) -> Iterator[Any]:
     weight_sender.close()
 
 
-def _loop_of(run: Callable[..., Any]) -> asyncio.AbstractEventLoop:
-    return run.__self__.loop  # type: ignore[attr-defined]
-
-
 @pytest.fixture(scope="session")
-def load_policy(actor: Any, sender: Any, run: Callable[..., Any]) -> Callable[[Any, int], dict]:
+def load_policy(actor: Any, sender: Any, loop_thread: LoopThread) -> Callable[[Any, int], dict]:
     """load_policy(hf_model, version): push the model's parameters to the engine through the weight group."""
 
     def load(model: Any, version: int) -> dict:
         named = list(model.named_parameters())
         manifest = sender.manifest(named, version)
-        receiving = asyncio.run_coroutine_threadsafe(actor.update_weights(manifest), _loop_of(run))
+        receiving = asyncio.run_coroutine_threadsafe(actor.update_weights(manifest), loop_thread.loop)
         sender.broadcast(named, manifest)
         return receiving.result(60)
 

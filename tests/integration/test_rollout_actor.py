@@ -70,7 +70,18 @@ def test_groups_come_back_scored_stamped_and_counted(
     assert health["ok"] and health["worker_policy_versions"] == [201]
 
 
-def test_ray_actor_class_reserves_the_configured_resources() -> None:
+def test_ray_actor_factory_reserves_the_configured_resources() -> None:
     config = RolloutConfig(cpus_per_actor=3, gpus_per_actor=2)
-    options = remote_rollout_actor(config)._default_options
+    options = remote_rollout_actor("some/policy", config).actor_class._default_options
     assert (options["num_cpus"], options["num_gpus"]) == (3, 2)
+
+
+@pytest.mark.slow
+def test_driver_call_overrides_sampling_and_group_size(actor: Any, load_policy: Any, tiny_dir: Path, run: Any) -> None:
+    tokenizer = actor.engine.tokenizer
+    load_policy(scripted_policy(tiny_dir, sampled_chain(tokenizer)), 202)
+    prompt_ids = build_prompt_ids("Who founded Varen?", "instruct", tokenizer)
+    batch = run(actor.generate_group("p", prompt_ids, ["Paris"], 5, sampling={"temperature": 0.0}, group_size=3))
+    trajectories = from_record_batch(batch)
+    assert len(trajectories) == 3 and {t.policy_version for t in trajectories} == {5}
+    assert len({tuple(t.response_ids) for t in trajectories}) == 1  # greedy: three identical samples
