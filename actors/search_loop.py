@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from actors.config import SamplingConfig
 from actors.engine import GenerationResult
-from actors.reward import score_details
+from actors.reward import score_details, toy_low_token_ids_reward
 from actors.tags import RESULT_CLOSE, SEARCH_CLOSE, extract_search_query
 from actors.trajectory import Trajectory, to_record_batch
 
@@ -71,6 +71,7 @@ class SearchSettings:
 
     topk: int = 5
     result_style: Literal["research", "searchr1"] = "research"
+    reward_fn: Literal["research", "toy-low-token-ids"] = "research"
 
 
 def result_text(passages: list[Any], style: str) -> str:
@@ -230,10 +231,12 @@ async def _search_loop(
     state.end("max_turns")
 
 
-def score(trajectory: Trajectory, golden_answers: Sequence[str]) -> Trajectory:
-    """Fill the reward (paper Eq. 2) and its parts from the trajectory's response text."""
+def score(trajectory: Trajectory, golden_answers: Sequence[str], reward_fn: str = "research") -> Trajectory:
+    """Fill the reward (paper Eq. 2, or the toy reward of end-to-end tests) and its parts."""
     details = score_details(trajectory.response_text, list(golden_answers), finished=trajectory.finished)
     trajectory.reward = float(details["reward"])
+    if reward_fn == "toy-low-token-ids":
+        trajectory.reward = toy_low_token_ids_reward(trajectory.response_ids, trajectory.loss_mask)
     trajectory.format_valid = bool(details["format_valid"])
     trajectory.f1 = float(details["f1"])
     trajectory.em = float(details["em"])
@@ -255,5 +258,5 @@ async def rollout_group(
         for index in range(group_size)
     ))
     for trajectory in trajectories:
-        score(trajectory, group.golden_answers)
+        score(trajectory, group.golden_answers, settings.reward_fn)
     return to_record_batch(list(trajectories))

@@ -179,16 +179,19 @@ class LearnerGroup:
         """Start rank 0's join; the caller makes every engine join too, then waits on the returned ref."""
         return self.actors[0].connect_weight_group.remote()
 
-    def start_weight_sync(self) -> tuple[dict[str, Any], list[ray.ObjectRef]]:
-        """Bump the policy version and start the broadcast on every rank; returns the manifest for the engines'
-        one control call each, and the refs to wait on once those calls are running."""
-        self.policy_version += 1
+    def start_weight_sync(self, bump_version: bool = True) -> tuple[dict[str, Any], list[ray.ObjectRef]]:
+        """Bump the policy version (unless re-sending the current weights to new engines) and start the broadcast on
+        every rank; returns the manifest for the engines' one control call each, and the refs to wait on."""
+        if bump_version:
+            self.policy_version += 1
         manifest = ray.get(self.actors[0].weight_manifest.remote(self.policy_version))
         return manifest, [actor.broadcast_weights.remote(manifest) for actor in self.actors]
 
-    def sync_weights(self, start_loads: Callable[[dict[str, Any]], list[ray.ObjectRef]]) -> dict[str, Any]:
+    def sync_weights(
+        self, start_loads: Callable[[dict[str, Any]], list[ray.ObjectRef]], bump_version: bool = True
+    ) -> dict[str, Any]:
         """A whole sync to Ray-hosted engines: `start_loads(manifest)` makes one control call per engine."""
-        manifest, sends = self.start_weight_sync()
+        manifest, sends = self.start_weight_sync(bump_version)
         loads = start_loads(manifest)
         sent = ray.get(sends)[0]
         return {"policy_version": self.policy_version, "sender": sent, "receivers": ray.get(loads)}

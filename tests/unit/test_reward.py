@@ -281,3 +281,11 @@ def test_well_formed_trajectories_parse_back(trajectory: tuple[str, dict[int, st
     for end, query in queries.items():
         assert extract_search_query(response[:end]) == query.strip()
     assert compute_score(response, [answer]) >= FORMAT_REWARD
+
+
+def test_toy_reward_counts_only_policy_tokens() -> None:
+    from actors.reward import toy_low_token_ids_reward
+
+    assert toy_low_token_ids_reward([1, 900, 2, 700], [1, 1, 0, 0]) == 0.5  # inserted tokens (mask 0) do not count
+    assert toy_low_token_ids_reward([5, 6], [0, 0]) == 0.0
+    assert toy_low_token_ids_reward([], []) == 0.0
