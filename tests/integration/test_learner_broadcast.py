@@ -55,6 +55,11 @@ def ray_cluster():
 def loop():
     loop = asyncio.new_event_loop()
     yield loop
+    # The engine's output handler tasks outlive its shutdown: cancel them so the loop closes cleanly.
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
 
 
