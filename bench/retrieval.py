@@ -8,7 +8,10 @@ The world (>= 50k passages) and its index are built once under --cache-dir and r
 interrupted). The servers run as `research serve` child processes on 127.0.0.1 with the cache off, so every request
 is a real search.
 
-    python bench/retrieval.py [--passages 50000] [--cache-dir DIR] [--build-only]
+    python bench/retrieval.py [--passages 50000] [--cache-dir DIR] [--build-only] [--cpu-threads 1] [--batch-workers 1]
+
+On CPU the on/off ratio cannot exceed floor QPS / unbatched QPS (how much a batch-64 forward beats 64 single
+forwards); on a shared 2-core machine that is ~3x, on a GPU far more.
 """
 
 from __future__ import annotations
@@ -71,9 +74,13 @@ async def load(url: str, questions: list[str], concurrency: int, requests: int) 
     return {"qps": len(latencies) / elapsed, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
-def measure_service(index_dir: Path, questions: list[str], micro_batching: bool, requests: dict[int, int]) -> dict:
+def measure_service(
+    index_dir: Path, questions: list[str], micro_batching: bool, requests: dict[int, int], cpu_threads: int, workers: int
+) -> dict:
     """Figures of one server configuration at each concurrency level."""
-    args = ["--cache-size", "0", "--max-batch", str(MAX_BATCH)] + ([] if micro_batching else ["--no-micro-batching"])
+    args = ["--cache-size", "0", "--max-batch", str(MAX_BATCH), "--cpu-threads", str(cpu_threads)]
+    args += ["--batch-workers", str(workers)]
+    args += [] if micro_batching else ["--no-micro-batching"]
     server = ServiceProcess(index_dir, extra_args=args).start()
     url = f"{server.url}/retrieve"
     figures = {}
@@ -89,9 +96,9 @@ def measure_service(index_dir: Path, questions: list[str], micro_batching: bool,
     return figures
 
 
-def measure_floor(index_dir: Path, questions: list[str]) -> float:
+def measure_floor(index_dir: Path, questions: list[str], cpu_threads: int) -> float:
     """QPS of in-process batched encode + search of the same queries (no HTTP, no queueing)."""
-    retriever = Retriever(index_dir)
+    retriever = Retriever(index_dir, EncoderConfig(cpu_threads=cpu_threads))
     retriever.search(questions[:8], 5)
     started = time.perf_counter()
     for start in range(0, len(questions), MAX_BATCH):
@@ -108,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "research-bench-retrieval"))
     parser.add_argument("--requests", type=int, default=320, help="requests at concurrency 32 (fewer below)")
     parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--batch-workers", type=int, default=1, help="micro-batch workers of the batching server")
+    parser.add_argument(
+        "--cpu-threads", type=int, default=1,
+        help="torch threads of servers and floor alike (0 = all cores; on a shared machine 1 avoids OpenMP stalls)",
+    )
     args = parser.parse_args(argv)
 
     index_dir, questions = prepare(Path(args.cache_dir), args.passages)
@@ -116,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     requests = {1: max(40, args.requests // 8), 8: max(80, args.requests // 2), 32: args.requests}
     if len(questions) < sum(requests.values()) + 16:
         raise SystemExit(f"the world has {len(questions)} questions; lower --requests")
-    on = measure_service(index_dir, questions, True, requests)
-    off = measure_service(index_dir, questions, False, requests)
-    floor = measure_floor(index_dir, questions[: requests[32]])
+    on = measure_service(index_dir, questions, True, requests, args.cpu_threads, args.batch_workers)
+    off = measure_service(index_dir, questions, False, requests, args.cpu_threads, 1)
+    floor = measure_floor(index_dir, questions[: requests[32]], args.cpu_threads)
 
-    print(f"\nretrieval service, {args.passages} passages, MiniLM-L6 384-d, faiss Flat, single-query requests")
+    threads = args.cpu_threads or "all"
+    print(f"\nretrieval service, {args.passages} passages, MiniLM-L6 384-d, faiss Flat, single-query requests, "
+          f"torch threads {threads}, batch workers {args.batch_workers}")
     print(f"{'micro-batching':<15}{'concurrency':>12}{'QPS':>9}{'p50 ms':>9}{'p99 ms':>9}")
     for label, figures in (("on", on), ("off", off)):
         for concurrency in CONCURRENCY:

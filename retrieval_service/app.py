@@ -137,6 +137,7 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
                 max_wait_ms=server.micro_batch_max_wait_ms,
                 cache_size=server.cache_size,
                 enabled=server.micro_batching,
+                workers=server.micro_batch_workers,
             )
             batcher.start()
             app.state.retriever = loaded

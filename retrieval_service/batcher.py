@@ -1,6 +1,6 @@
 """Server-side micro-batching and the query cache.
 
-Concurrent requests put their queries on one asyncio queue; a single worker takes what is queued (waiting at most
+Concurrent requests put their queries on one asyncio queue; a worker (one by default) takes what is queued (waiting at most
 `max_wait_ms` for more, up to `max_batch` queries), runs one encoder forward and one faiss search for all of them in
 a thread, and resolves each caller's future. The event loop never blocks on torch or faiss, and under load the
 batch grows by itself: while one batch is computing the next one queues up.
@@ -83,6 +83,7 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         cache_size: int = 10_000,
         enabled: bool = True,
+        workers: int = 1,
     ) -> None:
         self.retriever = retriever
         self.metrics = metrics
@@ -91,22 +92,21 @@ class MicroBatcher:
         self.enabled = enabled
         self.cache = QueryCache(cache_size)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
+        self.num_workers = workers
+        self._workers: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        """Start the batch worker on the running event loop."""
-        if self.enabled and self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name="retrieval-batcher")
+        """Start the batch workers on the running event loop."""
+        if self.enabled and not self._workers:
+            loop = asyncio.get_running_loop()
+            self._workers = [loop.create_task(self._run(), name=f"batcher-{i}") for i in range(self.num_workers)]
 
     async def stop(self) -> None:
-        """Stop the worker; queued queries fail rather than hang."""
-        if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
-            self._worker = None
+        """Stop the workers; queued queries fail rather than hang."""
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if not item.future.done():

@@ -23,6 +23,7 @@ def index_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="passages per encoder forward")
     parser.add_argument("--max-length", type=int, default=512, help="passage token limit")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--cpu-threads", type=int, default=0, help="torch threads on CPU (0 = all cores)")
     parser.add_argument("--ray-actors", type=int, default=0, help="encode shards on this many Ray actors (0 = here)")
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
     parser.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="GPUs each encoding actor reserves")
@@ -35,7 +36,11 @@ def index_main(argv: list[str] | None = None) -> int:
     from retrieval_service.build import build_index
 
     encoder = EncoderConfig(
-        name_or_path=args.encoder, batch_size=args.batch_size, passage_max_length=args.max_length, device=args.device
+        name_or_path=args.encoder,
+        batch_size=args.batch_size,
+        passage_max_length=args.max_length,
+        device=args.device,
+        cpu_threads=args.cpu_threads,
     )
     if args.ray_actors > 0:
         import ray
@@ -77,9 +82,11 @@ def serve_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=defaults.port)
     parser.add_argument("--encoder", default=None, help="query encoder (default: the one recorded in the index)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--cpu-threads", type=int, default=0, help="torch threads on CPU (0 = all cores)")
     parser.add_argument("--topk", type=int, default=5, help="default top-k when a request does not say")
     parser.add_argument("--max-batch", type=int, default=defaults.micro_batch_max_size)
     parser.add_argument("--max-wait-ms", type=float, default=defaults.micro_batch_max_wait_ms)
+    parser.add_argument("--batch-workers", type=int, default=defaults.micro_batch_workers, help="concurrent batches")
     parser.add_argument("--no-micro-batching", action="store_true", help="one encoder forward per request")
     parser.add_argument("--cache-size", type=int, default=defaults.cache_size)
     parser.add_argument("--faiss-gpu", action="store_true", help="shard the index over all visible GPUs")
@@ -100,12 +107,15 @@ def serve_main(argv: list[str] | None = None) -> int:
     if args.host not in {"127.0.0.1", "localhost", "::1"} and token is None:
         logging.getLogger(__name__).warning("serving on %s without a bearer token (set $%s)", args.host, args.token_env)
     config = RetrievalConfig(
-        encoder=EncoderConfig(name_or_path=args.encoder or meta.encoder, device=args.device),
+        encoder=EncoderConfig(
+            name_or_path=args.encoder or meta.encoder, device=args.device, cpu_threads=args.cpu_threads
+        ),
         server=ServerConfig(
             host=args.host,
             port=args.port,
             micro_batch_max_size=args.max_batch,
             micro_batch_max_wait_ms=args.max_wait_ms,
+            micro_batch_workers=args.batch_workers,
             micro_batching=not args.no_micro_batching,
             cache_size=args.cache_size,
             auth_token=token,

@@ -24,6 +24,10 @@ class EncoderConfig(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096, description="Texts per encoder forward when indexing.")
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
     fp16: bool = Field(True, description="Half precision on GPU; ignored on CPU, which always runs fp32.")
+    cpu_threads: int = Field(
+        0, ge=0, description="torch intra-op threads on CPU, process-wide (0 = torch's default, all cores). "
+        "1 is far faster for single queries on a busy machine, where OpenMP barriers wait on descheduled threads."
+    )
 
 
 class ServerConfig(BaseModel):
@@ -40,6 +44,9 @@ class ServerConfig(BaseModel):
     micro_batch_max_size: int = Field(64, ge=1, description="Most queries coalesced into one encoder forward.")
     micro_batch_max_wait_ms: float = Field(
         2.0, ge=0.0, description="How long the batcher waits for more queries after the first one arrives."
+    )
+    micro_batch_workers: int = Field(
+        1, ge=1, description="Batches encoded at once; on CPU, workers x encoder.cpu_threads = cores fills the machine."
     )
     micro_batching: bool = Field(True, description="Off: each request runs its own forward (the bench baseline).")
     cache_size: int = Field(10_000, ge=0, description="Entries of the query -> results LRU cache (0 disables it).")

@@ -77,6 +77,8 @@ class Encoder:
         self.is_e5 = "e5" in self.name.lower()
         self.pooling = read_pooling(self.model_dir)
         self.device = pick_device(self.config.device)
+        if self.device.type == "cpu" and self.config.cpu_threads > 0:
+            torch.set_num_threads(self.config.cpu_threads)
         dtype = torch.float16 if (self.config.fp16 and self.device.type == "cuda") else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.model = AutoModel.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device).eval()

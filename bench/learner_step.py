@@ -4,7 +4,7 @@
 Both sides do the same work per step: micro-batched forward/backward of the GRPO loss (learner.grpo.policy_loss on
 learner.engine.token_logprobs), gradient clipping and one AdamW step. Goal: DeepSpeed <= 1.3x the plain loop.
 
-    python -m bench.learner [--layers 4] [--hidden 256] [--batch 8] [--seq 256] [--micro 4] [--steps 5]
+    python -m bench.learner_step [--layers 4] [--hidden 256] [--batch 8] [--seq 256] [--micro 4] [--steps 5]
 """
 
 from __future__ import annotations
