@@ -104,10 +104,10 @@ def test_async_run_learns_within_staleness(ray_head: dict[str, str], tmp_path: P
     run_dir = tmp_path / "async"
     run_dir.mkdir()
     wait(driver(run_dir, ray_head, "trainer.max_staleness=1", "rollout.reward_fn=toy-low-token-ids",
-                "trainer.max_steps=10", "learner.lr=2e-3", "learner.grpo.kl_coef=0", "trainer.val_every=0",
-                "trainer.save_every=0", "data.val_size=0"), run_dir)
+                "trainer.max_steps=12", "learner.lr=1e-2", "learner.grpo.kl_coef=0", "trainer.val_every=0",
+                "trainer.save_every=0", "data.val_size=0", "rollout.sampling.max_response_tokens=32"), run_dir)
     steps = [r for r in read_metrics(run_dir) if "reward/mean" in r]
-    assert len(steps) == 10
+    assert len(steps) == 12
     assert max(r["staleness/max"] for r in steps) <= 1
     assert any(r["staleness/max"] == 1 for r in steps)  # generation did run ahead of learning
     first = sum(r["reward/mean"] for r in steps[:3]) / 3
