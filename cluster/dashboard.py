@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,11 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"research dashboard: no such run directory {args.run_dir}", file=sys.stderr)
         return 2
     command = tensorboard_command(args.run_dir, args.host, args.port)
-    print(f"TensorBoard on http://{args.host}:{args.port} ({' '.join(command)})")
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+    print(f"TensorBoard on http://{args.host}:{args.port} ({' '.join(command)})", flush=True)
+    # Become TensorBoard (no child left behind): whoever stops this PID stops the server.
+    os.execv(command[0], command)
+    return 0  # not reached
 
 
 if __name__ == "__main__":
