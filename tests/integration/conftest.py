@@ -139,3 +139,24 @@ def load_policy(actor: Any, sender: Any, loop_thread: LoopThread) -> Callable[[A
         return receiving.result(60)
 
     return load
+
+
+@pytest.fixture(scope="module")
+def policy_path(tiny_dir: Path) -> str:
+    """The cached tiny random policy's directory, as a string."""
+    return str(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """A private local Ray cluster on 127.0.0.1 for one test module; its temp dir is removed afterwards."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, _temp_dir=temp_dir)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

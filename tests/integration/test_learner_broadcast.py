@@ -7,8 +7,6 @@ and the engine's logprobs of it equal the learner's within 1e-4.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -17,7 +15,6 @@ import torch
 
 from actors.config import EngineConfig, SamplingConfig
 from actors.trajectory import Trajectory, to_record_batch
-from cluster.models import tiny_policy_dir
 from learner.config import GRPOConfig, LearnerConfig
 from learner.learner_actor import LearnerGroup
 
@@ -35,20 +32,6 @@ def training_groups() -> list:
         response = torch.randint(10, 1000, (8,), generator=generator).tolist()
         trajectories.append(Trajectory("p", i, 0, PROMPT, response, [1] * 8, [-6.9] * 8, reward=float(i == 0)))
     return [to_record_batch(trajectories)]
-
-
-@pytest.fixture(scope="module")
-def policy_path() -> str:
-    return str(tiny_policy_dir())
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, _temp_dir=temp_dir)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

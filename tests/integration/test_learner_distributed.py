@@ -8,16 +8,11 @@ elements whose gradient is itself ~1e-8, a 1e-10 summation difference in g moves
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import numpy as np
 import pytest
-import ray
 import torch
 
 from actors.trajectory import Trajectory, to_record_batch
-from cluster.models import tiny_policy_dir
 from learner.batch import collate
 from learner.config import GRPOConfig, LearnerConfig
 from learner.engine import LearnerEngine
@@ -52,20 +47,6 @@ def learner_config(stage: int, world_size: int) -> LearnerConfig:
     return LearnerConfig(
         world_size=world_size, zero_stage=stage, lr=LR, micro_batch_size=2, grpo=GRPOConfig(kl_coef=0.001)
     )
-
-
-@pytest.fixture(scope="module")
-def policy_path() -> str:
-    return str(tiny_policy_dir())
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, _temp_dir=temp_dir)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

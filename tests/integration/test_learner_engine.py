@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from actors.trajectory import Trajectory, to_record_batch
-from cluster.models import tiny_policy_dir
 from learner.batch import collate
 from learner.checkpoint import export_hf
 from learner.config import GRPOConfig, LearnerConfig
@@ -54,11 +53,6 @@ def with_behaviour_logprobs(groups: list, logprobs: torch.Tensor) -> list:
             row += 1
         out.append(to_record_batch(trajectories))
     return out
-
-
-@pytest.fixture(scope="module")
-def policy_path() -> str:
-    return str(tiny_policy_dir())
 
 
 @pytest.fixture(scope="module")
