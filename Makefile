@@ -27,7 +27,7 @@ lint: $(VENV)/.stamp-cpu-demo-dev
 	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.stamp-cpu-demo-dev
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in retrieval rollout learner_step weight_sync train; do $(PY) -m bench.$$b || exit 1; done
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
