@@ -68,8 +68,9 @@ class PromptStream:
         return None
 
     def requeue(self, item: PromptItem) -> None:
-        """Hand back an issued prompt that was not trained on (actor removed or dead); it is issued again first."""
-        if item.epoch != self.epoch or item.index in self._consumed:
+        """Hand back an issued prompt that was not trained on (actor removed or dead); it is issued again first.
+        Idempotent: only an outstanding prompt can be handed back, so reporting one loss twice changes nothing."""
+        if item.epoch != self.epoch or item.index not in self._issued:
             return
         self._issued.discard(item.index)
         self._requeued.append(item)

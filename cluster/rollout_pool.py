@@ -87,19 +87,18 @@ class RolloutPool:
             self.group_stale = True
         return len(done)
 
-    def replace_dead(self, actor_id: int) -> list[PromptItem]:
-        """Drop a dead actor, start a replacement; returns its prompts for requeueing."""
+    def replace_dead(self, actor_id: int) -> None:
+        """Drop a dead actor and start a replacement (unless it was retiring). Its in-flight groups are not returned
+        here: each one's future resolves with the actor's death and the driver requeues that prompt."""
         slot = self.slots.pop(actor_id, None)
         if slot is None:
-            return []
-        log.warning("rollout actor %d died; requeueing %d prompts and starting a replacement",
+            return
+        log.warning("rollout actor %d died with %d groups in flight; starting a replacement",
                     actor_id, len(slot.in_flight))
-        with_retire = slot.retiring
         self.replaced += 1
-        if not with_retire:
+        if not slot.retiring:
             self.add(1)
         self.group_stale = True
-        return list(slot.in_flight.values())
 
     # ---- work ---------------------------------------------------------------------------------------------------
     @property
@@ -141,8 +140,17 @@ class RolloutPool:
         ray.get([self.learner.connect_weight_group(), *joins], timeout=self.sync_timeout_s)
         self.group_stale = False
 
+    def _replace_unresponsive(self, timeout_s: float = 30.0) -> None:
+        """Replace actors that no longer answer, so a collective never waits on a dead member."""
+        for slot in list(self.slots.values()):
+            try:
+                ray.get(slot.handle.pid.remote(), timeout=timeout_s)
+            except (*ACTOR_GONE, ray.exceptions.GetTimeoutError):
+                self.replace_dead(slot.actor_id)
+
     def sync_weights(self, bump_version: bool) -> dict[str, Any]:
         """Broadcast the learner's weights to every engine (one control call each); rebuilds the group if stale."""
+        self._replace_unresponsive()
         if self.group_stale:
             self._rebuild_group()
         slots = list(self.slots.values())

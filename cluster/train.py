@@ -202,8 +202,7 @@ class Trainer:
                 pending.discard(future)
                 finished = future.result()
                 if finished.error is not None:
-                    for lost in self.pool.replace_dead(finished.actor_id):
-                        self.stream.requeue(lost)
+                    self.pool.replace_dead(finished.actor_id)
                     self.stream.requeue(finished.item)
                     await asyncio.to_thread(self.pool.sync_weights, False)
                 else:
@@ -267,7 +266,12 @@ class Trainer:
 
     def _write_actors(self) -> None:
         """run_dir/actors.json: the live rollout actors' PIDs (operators and tests use it)."""
-        pids = ray.get([slot.handle.pid.remote() for slot in self.pool.slots.values()])
+        pids = []
+        for slot in list(self.pool.slots.values()):
+            try:
+                pids.append(ray.get(slot.handle.pid.remote(), timeout=60))
+            except Exception:  # noqa: BLE001 - a dying actor is found and replaced by the dispatch path
+                continue
         partial = self.run_dir / "actors.json.tmp"
         partial.write_text(json.dumps({"step": self.step, "rollout_pids": pids}))
         partial.replace(self.run_dir / "actors.json")

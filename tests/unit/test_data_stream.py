@@ -80,3 +80,14 @@ def test_resume_refuses_other_dataset() -> None:
 def test_empty_dataset_is_an_error() -> None:
     with pytest.raises(ValueError, match="empty"):
         PromptStream(0, 1, seed=0)
+
+
+def test_requeue_is_idempotent() -> None:
+    stream = PromptStream(4, epochs=1, seed=0)
+    item = stream.next()
+    stream.requeue(item)
+    stream.requeue(item)  # the same loss reported twice (actor death seen by two paths)
+    issued = drain(stream, 10)
+    assert sorted(i.index for i in issued) == [0, 1, 2, 3]
+    stream.requeue(PromptItem(99, 0))  # never issued: ignored
+    assert stream.next() is None
