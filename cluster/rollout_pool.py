@@ -140,17 +140,18 @@ class RolloutPool:
         ray.get([self.learner.connect_weight_group(), *joins], timeout=self.sync_timeout_s)
         self.group_stale = False
 
-    def _replace_unresponsive(self, timeout_s: float = 30.0) -> None:
-        """Replace actors that no longer answer, so a collective never waits on a dead member."""
+    def _replace_dead_members(self) -> None:
+        """Replace actors that died, so a collective never waits on a dead member. An actor still building its
+        engine answers late, not never: only Ray's word that the actor is gone counts as death."""
         for slot in list(self.slots.values()):
             try:
-                ray.get(slot.handle.pid.remote(), timeout=timeout_s)
-            except (*ACTOR_GONE, ray.exceptions.GetTimeoutError):
+                ray.get(slot.handle.pid.remote(), timeout=self.sync_timeout_s)
+            except ACTOR_GONE:
                 self.replace_dead(slot.actor_id)
 
     def sync_weights(self, bump_version: bool) -> dict[str, Any]:
         """Broadcast the learner's weights to every engine (one control call each); rebuilds the group if stale."""
-        self._replace_unresponsive()
+        self._replace_dead_members()
         if self.group_stale:
             self._rebuild_group()
         slots = list(self.slots.values())
