@@ -50,7 +50,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     # SIGTERM to the group we created: `ray start --block` stops the processes it started; then make sure.
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=15)
     except subprocess.TimeoutExpired:
         pass
     try:
