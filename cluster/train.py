@@ -292,9 +292,14 @@ class Trainer:
         partial.replace(self.run_dir / "actors.json")
 
     def shutdown(self) -> None:
-        """Stop every actor this job started."""
-        for slot in list(self.pool.slots.values()):
-            ray.kill(slot.handle)
+        """Stop every actor this job started; engines shut down cleanly first (that frees their shared memory)."""
+        handles = [slot.handle for slot in self.pool.slots.values()]
+        try:
+            ray.get([handle.aclose.remote() for handle in handles], timeout=120)
+        except Exception:  # noqa: BLE001 - a dead or stuck actor is killed below all the same
+            log.warning("not every rollout actor shut down cleanly; killing them")
+        for handle in handles:
+            ray.kill(handle)
         self.learner.shutdown()
         for replica in self.replicas:
             ray.kill(replica)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +39,21 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared benchmark data not found at {path}")
     return path
+
+
+def _leftovers() -> set[Path]:
+    """Shared-memory segments and IPC sockets that vLLM, DeepSpeed and loky leave when their processes are killed."""
+    found = {p for p in Path("/dev/shm").glob("*") if p.name.startswith(("psm_", "sem.", "loky-", "deepspeed"))}
+    uuid_like = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+    found |= {p for p in Path(tempfile.gettempdir()).iterdir() if uuid_like.match(p.name) and p.is_socket()}
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_shared_memory_and_sockets() -> Iterator[None]:
+    """Tests kill engines and actors on purpose; remove the segments and sockets created during this session."""
+    before = _leftovers()
+    yield
+    for path in _leftovers() - before:
+        with contextlib.suppress(OSError):
+            path.unlink()
