@@ -49,9 +49,9 @@ def ensure_index(config: JobConfig) -> Path:
         return Path(config.retrieval.index_dir)
     from retrieval_service.build import build_index
 
-    directory = ensure_world(config) / "index"
-    build_index(ensure_world(config) / "corpus.jsonl", directory, config.retrieval.encoder, factory="Flat")
-    return directory
+    world = ensure_world(config)
+    build_index(world / "corpus.jsonl", world / "index", config.retrieval.encoder, factory="Flat")
+    return world / "index"
 
 
 def data_files(config: JobConfig) -> tuple[list[Path], list[Path]]:

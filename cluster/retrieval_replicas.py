@@ -6,11 +6,9 @@ back at the same URL; in the meantime the rollout client fails over to the other
 
 from __future__ import annotations
 
-import threading
-import time
+import os
 from typing import Any
 
-import httpx
 import ray
 
 from retrieval_service.config import RetrievalConfig
@@ -18,35 +16,22 @@ from retrieval_service.process import free_port
 
 
 class RetrievalReplica:
-    """One service replica: uvicorn in a background thread of this actor's process."""
+    """One service replica: the service app on a BackgroundServer (uvicorn on a thread of this actor's process)."""
 
     def __init__(self, config_json: str, host: str, port: int) -> None:
-        import uvicorn
-
-        from retrieval_service.app import create_app
+        from retrieval_service.app import BackgroundServer, create_app
 
         config = RetrievalConfig.model_validate_json(config_json)
-        self.url = f"http://{host}:{port}"
-        self._server = uvicorn.Server(uvicorn.Config(create_app(config), host=host, port=port, log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, name="retrieval-uvicorn", daemon=True)
-        self._thread.start()
+        self._server = BackgroundServer(create_app(config), host=host, port=port).start()
+        self.url = self._server.url
 
     def wait_ready(self, timeout: float = 300.0) -> str:
         """Block until /health answers 200; returns the replica's URL."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return self.url
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"retrieval replica {self.url} not healthy after {timeout:.0f} s")
+        self._server.wait_ready(timeout)
+        return self.url
 
     def pid(self) -> int:
         """This replica's process id (tests kill it by PID)."""
-        import os
-
         return os.getpid()
 
 
