@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from retrieval_service.batcher import MicroBatcher, SearchMetrics
 from retrieval_service.config import RetrievalConfig
-from retrieval_service.process import free_port
+from retrieval_service.process import free_port, wait_healthy
 from retrieval_service.retriever import Hit, Retriever
 
 
@@ -290,21 +290,7 @@ class BackgroundServer:
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Block until /health answers 200 (the index is loaded), or raise with the reported state."""
-        import httpx
-
-        deadline, last = time.monotonic() + timeout, "no answer"
-        while time.monotonic() < deadline:
-            try:
-                response = httpx.get(self.url + "/health", timeout=5)
-                if response.status_code == 200:
-                    return
-                last = response.text
-                if response.json().get("status") == "error":
-                    break
-            except httpx.HTTPError as error:
-                last = str(error)
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.url} not ready: {last}")
+        wait_healthy(self.url, timeout, alive=lambda: self._thread is not None and self._thread.is_alive())
 
     def stop(self) -> None:
         """Ask uvicorn to exit and join its thread."""

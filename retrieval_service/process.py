@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,27 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll url/health until it answers 200; raise RuntimeError with the last answer if the server reports an error,
+    stops running (`alive` turns false) or the timeout passes."""
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline:
+        if not alive():
+            last = "the server stopped"
+            break
+        try:
+            response = httpx.get(f"{url}/health", timeout=5)
+            if response.status_code == 200:
+                return
+            last = response.text
+            if response.json().get("status") == "error":
+                break
+        except httpx.HTTPError as error:
+            last = str(error)
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready: {last}")
 
 
 class ServiceProcess:
@@ -51,18 +73,13 @@ class ServiceProcess:
                    "--host", self.host, "--port", str(self.port), *self.extra_args]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"retrieval service exited with code {self.process.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"retrieval service at {self.url} not healthy after {self.startup_timeout:.0f} s")
+        try:
+            wait_healthy(self.url, self.startup_timeout, alive=lambda: self.process.poll() is None)
+        except RuntimeError as error:
+            self.stop()
+            raise RuntimeError(f"retrieval service (exit code {self.process.returncode}, log {self.log_path}): "
+                               f"{error}") from None
+        return self
 
     def stop(self) -> None:
         """Stop the child we started (SIGTERM, then SIGKILL), by its PID only."""
