@@ -113,8 +113,42 @@ class BodySizeLimit:
 _KNOWN_PATHS = {"/retrieve", "/batch_search", "/search", "/health", "/metrics"}
 
 
+class RequestCounter:
+    """ASGI middleware: counts requests by endpoint and status and times them (pure ASGI: no per-request task)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], metrics: SearchMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            endpoint = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
 def _document(hit: Hit) -> dict[str, str]:
     return {"id": hit.document.get("id", ""), "contents": hit.document.get("contents", "")}
+
+
+def _json(payload: Any) -> Response:
+    """Serialise once with json.dumps: skips FastAPI's return-type validation and jsonable_encoder."""
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+    return Response(body, media_type="application/json")
 
 
 def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> FastAPI:
@@ -161,8 +195,9 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
 
     app = FastAPI(title="ReSearch retrieval service", lifespan=lifespan)
     app.state.metrics = metrics
-    # Added before the counting middleware, so it sits inside it and rejected bodies are still counted.
+    # Added first, so it sits inside the counter and rejected bodies are still counted.
     app.add_middleware(BodySizeLimit, max_bytes=server.max_body_bytes)
+    app.add_middleware(RequestCounter, metrics=metrics)
 
     async def authorized(request: Request) -> None:
         if server.auth_token is None:
@@ -200,15 +235,6 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
         check_queries(queries)
         return await batcher.search(queries, resolve_topk(topk))
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.url.path if request.url.path in _KNOWN_PATHS else "other"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
-
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> Response:
         # FastAPI's own handler echoes the input and fails (500) on lone surrogates; ASCII-escaped JSON cannot.
@@ -234,27 +260,27 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/retrieve", dependencies=[Depends(authorized)])
-    async def retrieve(request: RetrieveRequest) -> dict[str, Any]:
+    async def retrieve(request: RetrieveRequest) -> Response:
         found = await run(request.queries, request.topk)
         if request.return_scores:
-            return {"result": [[{"document": _document(h), "score": h.score} for h in hits] for hits in found]}
-        return {"result": [[_document(h) for h in hits] for hits in found]}
+            return _json({"result": [[{"document": _document(h), "score": h.score} for h in hits] for hits in found]})
+        return _json({"result": [[_document(h) for h in hits] for hits in found]})
 
     @app.post("/batch_search", dependencies=[Depends(authorized)])
-    async def batch_search(request: BatchSearchRequest) -> list[Any]:
+    async def batch_search(request: BatchSearchRequest) -> Response:
         found = await run(request.query, request.top_n)
         documents = [[_document(h) for h in hits] for hits in found]
         if request.return_score:
-            return [documents, [[h.score for h in hits] for hits in found]]
-        return documents
+            return _json([documents, [[h.score for h in hits] for hits in found]])
+        return _json(documents)
 
     @app.post("/search", dependencies=[Depends(authorized)])
-    async def search(request: SearchRequest) -> list[Any]:
+    async def search(request: SearchRequest) -> Response:
         hits = (await run([request.query], request.top_n))[0]
         documents = [_document(h) for h in hits]
         if request.return_score:
-            return [documents, [h.score for h in hits]]
-        return documents
+            return _json([documents, [h.score for h in hits]])
+        return _json(documents)
 
     return app
 

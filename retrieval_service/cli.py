@@ -90,6 +90,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-micro-batching", action="store_true", help="one encoder forward per request")
     parser.add_argument("--cache-size", type=int, default=defaults.cache_size)
     parser.add_argument("--faiss-gpu", action="store_true", help="shard the index over all visible GPUs")
+    parser.add_argument("--faiss-threads", type=int, default=defaults.faiss_threads, help="faiss OpenMP threads (0 = default)")
+    parser.add_argument("--access-log", action="store_true", help="log every request (costs CPU at high QPS)")
     parser.add_argument("--token-env", default=TOKEN_ENV, help="environment variable holding the bearer token")
     args = parser.parse_args(argv)
 
@@ -120,6 +122,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             cache_size=args.cache_size,
             auth_token=token,
             faiss_gpu=args.faiss_gpu,
+            faiss_threads=args.faiss_threads,
         ),
         index_dir=args.index,
         topk=args.topk,
@@ -134,5 +137,5 @@ def serve_main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info", access_log=args.access_log)
     return 0
