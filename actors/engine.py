@@ -12,7 +12,9 @@ weight receiver extension (actors.weight_sync.WeightReceiver) lives in that chil
 `collective_rpc`: one control call per weight sync, the tensors travel over the standalone gloo group.
 
 Behaviour logprobs are vLLM's default "raw_logprobs": log-softmax of the model's logits before temperature, top-k
-or top-p. They equal what the learner recomputes from the same weights at temperature 1 (the paper's setting).
+or top-p. They equal what the learner computes from the same weights at temperature 1 (the paper's setting); with
+any other sampling the learner recomputes the ratio's denominator itself at the sampling temperature
+(`learner.grpo.old_logprobs`, resolved in cluster/config.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import RolloutConfig
 from learner.config import LearnerConfig
@@ -83,6 +83,17 @@ class JobConfig(BaseModel):
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The DeepSpeed learner and GRPO.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The training loop.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
+
+    @model_validator(mode="after")
+    def _learner_matches_sampling(self) -> JobConfig:
+        """The learner scores tokens at the temperature they were sampled at, and picks its ratio denominator."""
+        sampling, grpo = self.rollout.sampling, self.learner.grpo
+        if grpo.temperature is None:
+            grpo.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        if grpo.old_logprobs == "auto":
+            plain = grpo.temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k <= 0
+            grpo.old_logprobs = "behaviour" if plain else "recompute"
+        return self
 
     def resolved_run_dir(self) -> Path:
         """run_dir, or runs/<name>-<timestamp> when unset."""

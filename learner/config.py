@@ -21,6 +21,27 @@ class GRPOConfig(BaseModel):
     )
     scale_by_std: bool = Field(True, description="Divide group-centred rewards by the group std (False = Dr. GRPO).")
     eps: float = Field(1e-6, gt=0.0, description="Added to the group std before dividing.")
+    temperature: float | None = Field(
+        None, gt=0.0, description="Logits are divided by it before every log-softmax (policy, old, reference); "
+        "None = the rollout's sampling temperature in a job, 1.0 alone.",
+    )
+    old_logprobs: Literal["auto", "behaviour", "recompute"] = Field(
+        "auto", description="Denominator of the importance ratio: the sampler's logprobs ('behaviour'), or the "
+        "learner's own before the update ('recompute', as verl does: one more forward). auto = behaviour when "
+        "sampling is plain (temperature 1, no top-p/top-k), whose logprobs vLLM returns exactly, else recompute.",
+    )
+
+    @property
+    def logit_temperature(self) -> float:
+        """The temperature the learner applies (1.0 when unset)."""
+        return self.temperature or 1.0
+
+    @property
+    def recompute_old_logprobs(self) -> bool:
+        """Whether the ratio's denominator comes from the learner rather than the sampler."""
+        if self.old_logprobs == "auto":
+            return self.logit_temperature != 1.0
+        return self.old_logprobs == "recompute"
 
 
 class LearnerConfig(BaseModel):

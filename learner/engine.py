@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -92,10 +92,16 @@ def resolve_dtype(config: LearnerConfig) -> torch.dtype:
 
 
 def token_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logprob of each next token, (B, T-1) in fp32, and optionally the policy entropy at each position."""
+    """Logprob of each next token at `temperature`, (B, T-1) in fp32, and optionally the entropy at each position."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logsumexp = torch.logsumexp(logits, dim=-1)
     targets = input_ids[:, 1:].unsqueeze(-1)
     logprobs = torch.gather(logits, -1, targets).squeeze(-1) - logsumexp
@@ -109,13 +115,24 @@ def token_logprobs(
 
 
 @torch.no_grad()
-def batch_logprobs(model: torch.nn.Module, batch: TrainBatch, micro_batch_size: int, device: torch.device) -> torch.Tensor:
-    """Next-token logprobs of a whole batch, (B, T-1), computed micro-batch by micro-batch; 0 on padding."""
+def batch_logprobs(
+    model: torch.nn.Module,
+    batch: TrainBatch,
+    micro_batch_size: int,
+    device: torch.device,
+    temperature: float = 1.0,
+    rows: Sequence[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """Next-token logprobs of a batch, (B, T-1), micro-batch by micro-batch; 0 on padding and on rows not asked for.
+
+    `rows` lists [start, stop) ranges to compute (default: the whole batch).
+    """
     out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
-    for start in range(0, batch.size, micro_batch_size):
-        micro = batch.rows(start, min(start + micro_batch_size, batch.size)).to(device)
-        logprobs, _ = token_logprobs(model, micro.input_ids, micro.attention_mask)
-        out[start : start + micro.size, : logprobs.shape[1]] = logprobs.float().cpu()
+    for first, last in rows if rows is not None else [(0, batch.size)]:
+        for start in range(first, last, micro_batch_size):
+            micro = batch.rows(start, min(start + micro_batch_size, last)).to(device)
+            logprobs, _ = token_logprobs(model, micro.input_ids, micro.attention_mask, temperature=temperature)
+            out[start : start + micro.size, : logprobs.shape[1]] = logprobs.float().cpu()
     return out
 
 
@@ -187,10 +204,11 @@ class LearnerEngine:
         """The wrapped Hugging Face model (partitioned placeholders under ZeRO-3)."""
         return self.engine.module
 
-    def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """Current-policy logprobs of the whole batch, (B, T-1) on CPU, 0 on padding; no gradient."""
+    def compute_logprobs(self, batch: TrainBatch, rows: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Current-policy logprobs of the batch (or of `rows`), (B, T-1) on CPU, 0 on padding; no gradient."""
         self.engine.eval()
-        return batch_logprobs(self.engine, batch, self.config.micro_batch_size, self.device)
+        temperature = self.config.grpo.logit_temperature
+        return batch_logprobs(self.engine, batch, self.config.micro_batch_size, self.device, temperature, rows)
 
     def _rank_rows(self, start: int, stop: int) -> tuple[int, int]:
         """This rank's contiguous share of rows [start, stop)."""
@@ -210,12 +228,17 @@ class LearnerEngine:
         advantages = group_advantages(batch.rewards, batch.group_size, grpo.eps, grpo.scale_by_std)
         max_length = batch.max_response_length
         mini_size = batch.size // config.mini_batches
+        old_logprobs = batch.behaviour_logprobs
+        if grpo.recompute_old_logprobs:
+            # This rank's rows of every mini-batch, scored before the first update of the step (verl's old_log_prob).
+            mine = [self._rank_rows(start, start + mini_size) for start in range(0, batch.size, mini_size)]
+            old_logprobs = self.compute_logprobs(batch, mine)
         totals: dict[str, float] = {}
         self.engine.train()
         for _ in range(config.ppo_epochs):
             for mini_start in range(0, batch.size, mini_size):
                 lr = self.engine.get_lr()[0]
-                sums = self._accumulate(batch, advantages, mini_start, mini_start + mini_size, max_length)
+                sums = self._accumulate(batch, advantages, old_logprobs, mini_start, mini_start + mini_size, max_length)
                 self.engine.step()
                 self.step += 1
                 sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
@@ -231,7 +254,13 @@ class LearnerEngine:
         return metrics
 
     def _accumulate(
-        self, batch: TrainBatch, advantages: torch.Tensor, start: int, stop: int, max_length: int
+        self,
+        batch: TrainBatch,
+        advantages: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        start: int,
+        stop: int,
+        max_length: int,
     ) -> dict[str, float]:
         """Forward/backward this rank's rows of one mini-batch in micro-batches; return the mini-batch metrics."""
         config, grpo = self.config, self.config.grpo
@@ -248,10 +277,12 @@ class LearnerEngine:
             ref_logprobs = None
             if self.reference is not None:
                 ref_logprobs = self.reference.logprobs(micro)
-            logprobs, entropy = token_logprobs(self.engine, micro.input_ids, micro.attention_mask, with_entropy=True)
+            logprobs, entropy = token_logprobs(
+                self.engine, micro.input_ids, micro.attention_mask, with_entropy=True, temperature=grpo.logit_temperature
+            )
             loss, metrics = policy_loss(
                 logprobs,
-                micro.behaviour_logprobs,
+                old_logprobs[micro_start:micro_stop, : logprobs.shape[1]].to(self.device),
                 advantages[micro_start:micro_stop].to(self.device),
                 micro.loss_mask,
                 clip=grpo.clip,

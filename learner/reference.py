@@ -30,9 +30,10 @@ class ReferencePolicy:
         else:
             model.to(device)
         self.model = model
+        self.temperature = config.grpo.logit_temperature
 
     @torch.no_grad()
     def logprobs(self, micro: TrainBatch) -> torch.Tensor:
         """Reference next-token logprobs of one micro-batch, (B, T-1) in fp32, 0 on padding."""
-        logprobs, _ = token_logprobs(self.model, micro.input_ids, micro.attention_mask)
+        logprobs, _ = token_logprobs(self.model, micro.input_ids, micro.attention_mask, temperature=self.temperature)
         return logprobs

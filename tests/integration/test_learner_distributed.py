@@ -1,9 +1,12 @@
 """The learner as Ray actors on a local cluster: 2-rank ZeRO-2/3 equal 1 rank; save, kill, load resumes exactly.
 
+The runs sample at temperature 0.7, so they also check that recomputed old logprobs split over ranks.
+
 Tolerances: loss within 1e-6 and gradient norm within 1e-5 (relative); after one AdamW step (lr 1e-3) every parameter
-within 2e-5 (2 % of the step size) and the updated policy's logprobs within 1e-5. Only the order of float sums differs
+within 5e-5 (5 % of the step size) and the updated policy's logprobs within 1e-5. Only the order of float sums differs
 between the runs. The parameter bound is loose because AdamW's first step is lr * g / (|g| + 1e-8): for the few
-elements whose gradient is itself ~1e-8, a 1e-10 summation difference in g moves the update by ~1 % of lr.
+elements whose gradient is itself ~1e-8, a 1e-10 summation difference in g moves the update by ~1 % of lr
+(recomputed old logprobs add their own summation order: 2.5 % seen).
 """
 
 from __future__ import annotations
@@ -43,10 +46,10 @@ def trajectory_groups(n_groups: int = 2, group_size: int = 4, seed: int = 0) -> 
 
 
 def learner_config(stage: int, world_size: int) -> LearnerConfig:
-    # Micro-batches of 2: 1 rank accumulates 4 of them, each of 2 ranks accumulates 2.
-    return LearnerConfig(
-        world_size=world_size, zero_stage=stage, lr=LR, micro_batch_size=2, grpo=GRPOConfig(kl_coef=0.001)
-    )
+    # Micro-batches of 2: 1 rank accumulates 4 of them, each of 2 ranks accumulates 2. Sampling temperature 0.7:
+    # logits are scaled and each rank recomputes the old logprobs of its own rows (a collective under ZeRO-3).
+    grpo = GRPOConfig(kl_coef=0.001, temperature=0.7)
+    return LearnerConfig(world_size=world_size, zero_stage=stage, lr=LR, micro_batch_size=2, grpo=grpo)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def assert_same_update(one_rank: dict, metrics: dict, group: LearnerGroup) -> No
     weights = group.full_parameters()
     assert weights.keys() == one_rank["weights"].keys()
     worst = max(float(np.abs(weights[name] - one_rank["weights"][name]).max()) for name in weights)
-    assert worst <= 2e-2 * LR, worst
+    assert worst <= 5e-2 * LR, worst
     logprobs = torch.tensor(np.array(group.compute_logprobs(trajectory_groups())))
     torch.testing.assert_close(logprobs, one_rank["logprobs"], atol=1e-5, rtol=0)
 

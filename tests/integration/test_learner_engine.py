@@ -143,6 +143,34 @@ def test_loss_goes_down_on_a_fixed_batch(learner: LearnerEngine, policy_path: st
     torch.testing.assert_close(reloaded.detach(), learner.compute_logprobs(batch), atol=1e-5, rtol=0)
 
 
+def test_sampling_temperature_scores_and_recomputed_old_logprobs(policy_path: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    grpo = GRPOConfig(temperature=0.7)  # old_logprobs auto -> recompute: vLLM's logprobs are at temperature 1
+    assert grpo.recompute_old_logprobs
+    config = LearnerConfig(zero_stage=2, lr=1e-3, micro_batch_size=3, mini_batches=2, grpo=grpo)
+    engine = LearnerEngine(config, policy_path)
+    # Behaviour logprobs of this batch are a constant -6.9, far from the policy: only recomputing makes ratio 1.
+    batch = collate(trajectory_groups(seed=3), engine.pad_token_id)
+
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1] / 0.7
+        expected = torch.gather(logits.log_softmax(-1), -1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    expected = torch.where(batch.attention_mask[:, 1:].bool(), expected, 0.0)
+    torch.testing.assert_close(engine.compute_logprobs(batch), expected, atol=1e-5, rtol=0)
+
+    first = engine.train_step(batch)
+    # Mini-batch 1 is exactly on-policy (ratio 1, the reference equals the policy); mini-batch 2 follows one update.
+    assert first["clip_fraction"] < 0.5
+    behaviour_config = config.model_copy(update={"grpo": GRPOConfig(temperature=0.7, old_logprobs="behaviour")})
+    stale = LearnerEngine(behaviour_config, policy_path).train_step(batch)
+    assert stale["clip_fraction"] > first["clip_fraction"]
+
+    single = LearnerEngine(config.model_copy(update={"mini_batches": 1}), policy_path).train_step(batch)
+    assert single["clip_fraction"] == 0.0 and abs(single["approx_kl"]) < 1e-6 and single["ref_kl"] < 1e-6
+
+
 def test_no_shared_memory_left_behind() -> None:
     leftovers = [name for name in os.listdir("/dev/shm") if "deepspeed" in name.lower() or "shm_comm" in name]
     assert leftovers == []

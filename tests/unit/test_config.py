@@ -115,3 +115,19 @@ def test_run_dir_default_and_explicit() -> None:
     assert config.resolved_run_dir().parts[0] == "runs"
     assert config.resolved_run_dir().name.startswith("test-tiny-")
     assert str(load_config("test-tiny", ["run_dir=/tmp/x"]).resolved_run_dir()) == "/tmp/x"
+
+
+def test_learner_temperature_and_ratio_denominator_follow_sampling() -> None:
+    from cluster.config import JobConfig
+
+    plain = JobConfig()
+    assert plain.learner.grpo.temperature == 1.0 and plain.learner.grpo.old_logprobs == "behaviour"
+    warm = JobConfig.model_validate({"rollout": {"sampling": {"temperature": 0.7}}})
+    assert warm.learner.grpo.temperature == 0.7 and warm.learner.grpo.recompute_old_logprobs
+    nucleus = JobConfig.model_validate({"rollout": {"sampling": {"top_p": 0.9}}})
+    assert nucleus.learner.grpo.temperature == 1.0 and nucleus.learner.grpo.old_logprobs == "recompute"
+    greedy = JobConfig.model_validate({"rollout": {"sampling": {"temperature": 0.0}}})
+    assert greedy.learner.grpo.temperature == 1.0
+    chosen = {"rollout": {"sampling": {"temperature": 0.7}}, "learner": {"grpo": {"temperature": 1.0, "old_logprobs": "behaviour"}}}
+    explicit = JobConfig.model_validate(chosen)
+    assert explicit.learner.grpo.temperature == 1.0 and not explicit.learner.grpo.recompute_old_logprobs
