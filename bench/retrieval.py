@@ -8,10 +8,12 @@ The world (>= 50k passages) and its index are built once under --cache-dir and r
 interrupted). The servers run as `research serve` child processes on 127.0.0.1 with the cache off, so every request
 is a real search.
 
-    python bench/retrieval.py [--passages 50000] [--cache-dir DIR] [--build-only] [--cpu-threads 1] [--batch-workers 1]
+    python -m bench.retrieval [--passages 50000] [--cache-dir DIR] [--build-only] [--cpu-threads 1] [--batch-workers N]
 
-On CPU the on/off ratio cannot exceed floor QPS / unbatched QPS (how much a batch-64 forward beats 64 single
-forwards); on a shared 2-core machine that is ~3x, on a GPU far more.
+The batching server runs one worker per core, each with one torch thread; the unbatched server runs each request on
+its own thread with one torch thread (with more, 32 requests oversubscribe OpenMP and it gets slower, not faster).
+The floor runs the same workers in one process. The run also measures the ceiling of the on/off ratio on this
+hardware: in-process QPS in batches of 64 over QPS one query per call. Figures go to stdout and a plot (--plot).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -102,16 +105,25 @@ def measure_service(
     return figures
 
 
-def measure_floor(index_dir: Path, questions: list[str], cpu_threads: int) -> float:
-    """QPS of in-process batched encode + search of the same queries (no HTTP, no queueing)."""
+def measure_floor(index_dir: Path, questions: list[str], cpu_threads: int, workers: int) -> tuple[float, float]:
+    """In-process QPS (no HTTP, no queueing) of the same queries on `workers` threads, as the batching server runs
+    them: batched by MAX_BATCH (the floor), and one query per call.
+
+    Their quotient is what batching alone can buy on this hardware: the ceiling of the on/off ratio.
+    """
     retriever = Retriever(index_dir, EncoderConfig(cpu_threads=cpu_threads))
     retriever.search(questions[:8], 5)
-    started = time.perf_counter()
-    for start in range(0, len(questions), MAX_BATCH):
-        retriever.search(questions[start : start + MAX_BATCH], 5)
-    qps = len(questions) / (time.perf_counter() - started)
+
+    def qps(chunks: list[list[str]]) -> float:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda chunk: retriever.search(chunk, 5), chunks))
+        return sum(map(len, chunks)) / (time.perf_counter() - started)
+
+    batched = qps([questions[start : start + MAX_BATCH] for start in range(0, len(questions), MAX_BATCH)])
+    single = qps([[question] for question in questions[: max(len(questions) // 4, workers)]])
     retriever.close()
-    return qps
+    return batched, single
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "research-bench-retrieval"))
     parser.add_argument("--requests", type=int, default=320, help="requests at concurrency 32 (fewer below)")
     parser.add_argument("--build-only", action="store_true")
-    parser.add_argument("--batch-workers", type=int, default=1, help="micro-batch workers of the batching server")
+    parser.add_argument(
+        "--batch-workers", type=int, default=os.cpu_count() or 1,
+        help="micro-batch workers of the batching server (default: one per core, each with --cpu-threads threads)",
+    )
+    parser.add_argument("--plot", default="bench/retrieval.png", help="where the QPS/latency plot goes ('' = none)")
     parser.add_argument(
         "--cpu-threads", type=int, default=1,
         help="torch threads of servers and floor alike (0 = all cores; on a shared machine 1 avoids OpenMP stalls)",
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the world has {len(questions)} questions; lower --requests")
     on = measure_service(index_dir, questions, True, requests, args.cpu_threads, args.batch_workers)
     off = measure_service(index_dir, questions, False, requests, args.cpu_threads, 1)
-    floor = measure_floor(index_dir, questions[: requests[32]], args.cpu_threads)
+    floor, single = measure_floor(index_dir, questions[: requests[32]], args.cpu_threads, args.batch_workers)
 
     threads = args.cpu_threads or "all"
     print(f"\nretrieval service, {args.passages} passages, MiniLM-L6 384-d, faiss Flat, single-query requests, "
@@ -146,10 +162,40 @@ def main(argv: list[str] | None = None) -> int:
         for concurrency in CONCURRENCY:
             f = figures[concurrency]
             print(f"{label:<15}{concurrency:>12}{f['qps']:>9.1f}{f['p50']:>9.1f}{f['p99']:>9.1f}")
-    print(f"{'in-process floor (batches of ' + str(MAX_BATCH) + ')':<36}{floor:>9.1f}")
+    print(f"{f'in-process floor ({args.batch_workers} x batches of {MAX_BATCH})':<36}{floor:>9.1f}")
+    print(f"{f'in-process ({args.batch_workers} x one query per call)':<36}{single:>9.1f}")
+    print(f"batching ceiling (floor / one by one): {floor / single:.2f}x")
     print(f"ratio micro-batching on/off at 32: {on[32]['qps'] / off[32]['qps']:.2f}x (goal >= 3)")
     print(f"ratio service/floor at 32:         {on[32]['qps'] / floor:.2f} (goal >= 0.6)")
+    if args.plot:
+        print(f"plot: {plot(Path(args.plot), on, off, floor, f'{args.passages} passages, {args.batch_workers} workers')}")
     return 0
+
+
+def plot(out: Path, on: dict, off: dict, floor: float, title: str) -> Path:
+    """QPS and p50/p99 latency against concurrency, batching on and off, with the in-process floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, figures, color in (("micro-batching on", on, "tab:blue"), ("off", off, "tab:orange")):
+        left.plot(CONCURRENCY, [figures[c]["qps"] for c in CONCURRENCY], "-o", color=color, label=label)
+        right.plot(CONCURRENCY, [figures[c]["p50"] for c in CONCURRENCY], "-o", color=color, label=f"{label} p50")
+        right.plot(CONCURRENCY, [figures[c]["p99"] for c in CONCURRENCY], "--", color=color, label=f"{label} p99")
+    left.axhline(floor, color="gray", linestyle=":", label="in-process floor")
+    left.set(xscale="log", xticks=CONCURRENCY, xticklabels=CONCURRENCY, xlabel="concurrent clients", ylabel="QPS")
+    right.set(xscale="log", xticks=CONCURRENCY, xticklabels=CONCURRENCY, xlabel="concurrent clients", ylabel="ms")
+    left.set_title(f"retrieval QPS ({title})")
+    right.set_title("latency")
+    left.legend()
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ class EncoderConfig(BaseModel):
     query_max_length: int = Field(256, ge=8, le=8192, description="Token limit of a query; longer ones are truncated.")
     passage_max_length: int = Field(512, ge=8, le=8192, description="Token limit of a passage at index time.")
     batch_size: int = Field(64, ge=1, le=4096, description="Texts per encoder forward when indexing.")
+    query_batch_size: int | None = Field(
+        None, ge=0, description="Queries per encoder forward when searching, taken in length order so short ones are "
+        "not padded to the longest; 0 = the whole micro-batch at once. None = 16 on CPU (20 % faster than one "
+        "forward of 64 here), 0 on GPU.",
+    )
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
     fp16: bool = Field(True, description="Half precision on GPU; ignored on CPU, which always runs fp32.")
     cpu_threads: int = Field(

@@ -26,6 +26,11 @@ INDEX_FILE = "index.faiss"
 DOCS_FILE = "docs.jsonl"
 OFFSETS_FILE = "docs.offsets.npy"
 FORMAT_VERSION = 1
+BLAS_MIN_QUERIES = 3
+"""Exact (Flat) search of this many queries or more runs as one BLAS matrix product instead of one memory scan per
+query. faiss-cpu 1.15 compares `distance_compute_blas_threshold` (default 128000) with queries x dimension, so at
+384-d a micro-batch of 64 scanned every vector 64 times: 5.9 ms per query at 50k vectors on one core, against 0.7 ms
+as one product. One or two queries are faster scanned (5 ms against 7-14 ms)."""
 
 
 class IndexMeta(BaseModel):
@@ -109,6 +114,7 @@ class PassageIndex:
         self.index_dir = Path(index_dir)
         self.meta = read_meta(self.index_dir)
         index = faiss.read_index(str(self.index_dir / INDEX_FILE))
+        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * self.meta.dim
         if index.ntotal != self.meta.count:
             raise ValueError(f"{self.index_dir}: faiss holds {index.ntotal} vectors, meta.json says {self.meta.count}")
         # Search-time knobs of approximate indexes; harmless names for Flat are simply not set.

@@ -76,3 +76,19 @@ def test_parquet_corpus_and_hnsw_factory(corpus: Path, tmp_path: Path) -> None:
     assert found[:, 0].tolist() == list(range(10))  # each passage is its own nearest neighbour
     assert [d["id"] for d in index.passages(found[:, 0])] == [r["id"] for r in rows[:10]]
     index.close()
+
+
+def test_flat_search_gives_the_same_hits_batched_and_one_by_one(corpus: Path, tmp_path: Path) -> None:
+    build_index(corpus, tmp_path / "flat", shard_size=SHARD, progress=False)
+    index = PassageIndex(tmp_path / "flat")
+    # A batch takes faiss' BLAS path (the threshold PassageIndex sets), a single query the scanning one.
+    assert faiss.cvar.distance_compute_blas_threshold <= 8 * index.meta.dim
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((8, index.meta.dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    scores, rows = index.search(queries, topk=5)
+    for i in range(len(queries)):
+        alone_scores, alone_rows = index.search(queries[i : i + 1], topk=5)
+        assert alone_rows[0].tolist() == rows[i].tolist()
+        np.testing.assert_allclose(alone_scores[0], scores[i], atol=1e-5)
+    index.close()
