@@ -3,7 +3,7 @@
 The runs sample at temperature 0.7, so they also check that recomputed old logprobs split over ranks.
 
 Tolerances: loss within 1e-6 and gradient norm within 1e-5 (relative); after one AdamW step (lr 1e-3) every parameter
-within 5e-5 (5 % of the step size) and the updated policy's logprobs within 1e-5. Only the order of float sums differs
+within 5e-5 (5 % of the step size) and the updated policy's logprobs within 1e-5 + 1e-5 relative. Only the order of float sums differs
 between the runs. The parameter bound is loose because AdamW's first step is lr * g / (|g| + 1e-8): for the few
 elements whose gradient is itself ~1e-8, a 1e-10 summation difference in g moves the update by ~1 % of lr
 (recomputed old logprobs add their own summation order: 2.5 % seen).
@@ -70,13 +70,15 @@ def assert_same_update(one_rank: dict, metrics: dict, group: LearnerGroup) -> No
     worst = max(float(np.abs(weights[name] - one_rank["weights"][name]).max()) for name in weights)
     assert worst <= 5e-2 * LR, worst
     logprobs = torch.tensor(np.array(group.compute_logprobs(trajectory_groups())))
-    torch.testing.assert_close(logprobs, one_rank["logprobs"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logprobs, one_rank["logprobs"], atol=1e-5, rtol=1e-5)
 
 
 def test_two_rank_zero3_equals_one_rank(ray_cluster, policy_path: str, one_rank: dict) -> None:
     group = LearnerGroup(learner_config(3, 2), policy_path)
     try:
         metrics = group.train_step(trajectory_groups())
+        # Each rank scored its own rows as the old policy: the one update starts exactly on-policy.
+        assert metrics["clip_fraction"] == 0.0 and abs(metrics["approx_kl"]) < 1e-6
         assert_same_update(one_rank, metrics, group)
     finally:
         group.shutdown()
