@@ -163,6 +163,24 @@ def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
     return ds
 
 
+@contextmanager
+def partitioned_loading(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Under ZeRO-3, `from_pretrained` inside this block builds the model under deepspeed.zero.Init: each rank
+    materialises only its 1/world share of every weight, so a 32B policy never has to fit whole on one rank.
+    Scoped, because transformers reads it from a process-wide reference."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
+
+
 class LearnerEngine:
     """A policy under DeepSpeed (ZeRO 0-3) with AdamW, LR schedule, clipping and the GRPO train step."""
 
@@ -177,7 +195,9 @@ class LearnerEngine:
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = resolve_dtype(config)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        ds_config = deepspeed_config(config)
+        with partitioned_loading(ds_config):
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -190,7 +210,7 @@ class LearnerEngine:
             model=model,
             optimizer=optimizer,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-            config=deepspeed_config(config),
+            config=ds_config,
         )
         self.reference = None
         if config.grpo.kl_coef > 0:

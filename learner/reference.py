@@ -7,24 +7,25 @@ from transformers import AutoModelForCausalLM
 
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
-from learner.engine import resolve_dtype, token_logprobs
+from learner.engine import partitioned_loading, resolve_dtype, token_logprobs
 
 
 class ReferencePolicy:
     """A frozen copy of the policy; under ZeRO-3 it is partitioned across ranks like the policy itself."""
 
     def __init__(self, config: LearnerConfig, model_path: str, device: torch.device) -> None:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(config))
+        # An optimizer-less ZeRO-3 engine holds 1/world of the weights per rank and gathers layer by layer.
+        ds = {"train_micro_batch_size_per_gpu": config.micro_batch_size, "zero_optimization": {"stage": 3}}
+        if resolve_dtype(config) == torch.bfloat16:
+            ds["bf16"] = {"enabled": True}
+        with partitioned_loading(ds if config.zero_stage == 3 else {}):
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(config))
         model.config.use_cache = False
         model.requires_grad_(False)
         model.eval()
         if config.zero_stage == 3:
             import deepspeed
 
-            # An optimizer-less ZeRO-3 engine holds 1/world of the weights per rank and gathers layer by layer.
-            ds = {"train_micro_batch_size_per_gpu": config.micro_batch_size, "zero_optimization": {"stage": 3}}
-            if resolve_dtype(config) == torch.bfloat16:
-                ds["bf16"] = {"enabled": True}
             model, _, _, _ = deepspeed.initialize(model=model, config=ds)
             model.eval()
         else:

@@ -171,6 +171,22 @@ def test_sampling_temperature_scores_and_recomputed_old_logprobs(policy_path: st
     assert single["clip_fraction"] == 0.0 and abs(single["approx_kl"]) < 1e-6 and single["ref_kl"] < 1e-6
 
 
+def test_zero3_builds_the_model_partitioned_and_only_inside_the_block(policy_path: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from learner.engine import deepspeed_config, init_distributed, partitioned_loading
+
+    init_distributed()
+    with partitioned_loading(deepspeed_config(LearnerConfig(zero_stage=3))):
+        partitioned = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    # Built under zero.Init: every weight is a ZeRO-3 parameter from the start, never materialised whole by HF.
+    assert all(hasattr(p, "ds_id") for p in partitioned.parameters())
+    plain = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    assert not any(hasattr(p, "ds_id") for p in plain.parameters())
+    with partitioned_loading(deepspeed_config(LearnerConfig(zero_stage=2))):
+        assert not any(hasattr(p, "ds_id") for p in AutoModelForCausalLM.from_pretrained(policy_path).parameters())
+
+
 def test_no_shared_memory_left_behind() -> None:
     leftovers = [name for name in os.listdir("/dev/shm") if "deepspeed" in name.lower() or "shm_comm" in name]
     assert leftovers == []
