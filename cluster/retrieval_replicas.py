@@ -1,12 +1,15 @@
 """Retrieval service replicas as Ray actors: each serves the FastAPI app on a fixed port and is restarted on death.
 
-The port is chosen by the driver and fixed for the replica's lifetime, so a replica Ray restarts after a crash comes
-back at the same URL; in the meantime the rollout client fails over to the other replicas.
+Each replica binds the IP of the node Ray placed it on (rollout actors on other nodes must reach it; a loopback
+address would only work on one machine). The port is chosen by the driver and kept for the replica's lifetime, so a
+replica Ray restarts on the same node comes back at the same URL; in the meantime the rollout client fails over to
+the other replicas. Set `retrieval.server.auth_token` when the cluster network is shared.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import ray
@@ -18,10 +21,13 @@ from retrieval_service.process import free_port
 class RetrievalReplica:
     """One service replica: the service app on a BackgroundServer (uvicorn on a thread of this actor's process)."""
 
-    def __init__(self, config_json: str, host: str, port: int) -> None:
+    def __init__(self, config_json: str, host: str | None, port: int) -> None:
         from retrieval_service.app import BackgroundServer, create_app
 
         config = RetrievalConfig.model_validate_json(config_json)
+        host = host or ray.util.get_node_ip_address()
+        if not port_is_free(host, port):  # the driver picked it on its own node
+            port = free_port(host)
         self._server = BackgroundServer(create_app(config), host=host, port=port).start()
         self.url = self._server.url
 
@@ -35,11 +41,23 @@ class RetrievalReplica:
         return os.getpid()
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether (host, port) can be bound right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT does not count
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def start_replicas(config: RetrievalConfig, count: int, cpus_per_replica: float = 0.5,
-                   host: str = "127.0.0.1") -> tuple[list[Any], list[str]]:
-    """Start `count` replicas (restarted by Ray if they die) and wait until every one is healthy."""
+                   host: str | None = None) -> tuple[list[Any], list[str]]:
+    """Start `count` replicas (restarted by Ray if they die) and wait until every one is healthy; their URLs use
+    each one's node IP unless `host` is given."""
     remote = ray.remote(num_cpus=cpus_per_replica, max_restarts=-1, max_task_retries=-1)(RetrievalReplica)
     config_json = config.model_dump_json()
-    handles = [remote.remote(config_json, host, free_port(host)) for _ in range(count)]
+    handles = [remote.remote(config_json, host, free_port()) for _ in range(count)]
     urls = ray.get([h.wait_ready.remote() for h in handles])
     return handles, list(urls)

@@ -20,6 +20,9 @@ def test_dead_replica_is_skipped_then_restarted(rollout_world: Path, ray_cluster
     config = RetrievalConfig(index_dir=str(rollout_world / "index"))
     handles, urls = start_replicas(config, 2, cpus_per_replica=0.5)
     try:
+        # Each replica serves on its node's IP, which this loopback test cluster sets to 127.0.0.1.
+        assert all(url.startswith(f"http://{ray.util.get_node_ip_address()}:") for url in urls)
+        assert len(set(urls)) == 2
         victim_pid = ray.get(handles[0].pid.remote())
         os.kill(victim_pid, signal.SIGKILL)
         time.sleep(0.5)
