@@ -1,10 +1,12 @@
 """The eval driver: greedy ReSearch rollouts of a policy over benchmark files, scored by EM/F1 and an LLM judge.
 
-    python -m cluster.eval CONFIG --data FILE [--data NAME=FILE ...] --out DIR [--model PATH] [key=value ...]
+    python -m cluster.eval CONFIG --data FILE [--data NAME=FILE ...] --out DIR [--model PATH] [--actors N] [key=value ...]
 
-It reuses the training config (policy, prompt template, engine, retrieval) and the training search loop: one
-RolloutActor (vLLM engine + retrieval client) with group size 1 at temperature 0, against the configured retrieval
-service URLs or a service it starts on 127.0.0.1 over `retrieval.index_dir` (or the synthetic world's index).
+It reuses the training config (policy, prompt template, engine, retrieval) and the training search loop: RolloutActors
+(vLLM engine + retrieval client) with group size 1 at temperature 0, against the configured retrieval service URLs or
+a service it starts over `retrieval.index_dir` (or the synthetic world's index). By default one actor runs in this
+process with the service on 127.0.0.1; `--actors N` fans the questions out over N Ray actors (under `ray job submit`,
+on the job's cluster) with the service as Ray replicas, and survives the death of all but one of them.
 Each finished question is appended to `<out>/<benchmark>/records.jsonl` at once, so an interrupted eval resumes
 where it stopped; a rerun with nothing left to roll out starts no engine and only judges and rewrites the tables.
 Judging runs after the rollouts, over every record that has no verdict yet (so a judge can be added later).
@@ -22,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from tqdm import tqdm
 
 from actors.config import RolloutConfig
+from actors.search_loop import PromptGroup
 from cluster.config import ConfigError, JobConfig, load_config
 from cluster.eval_report import (
     RECORDS,
@@ -107,7 +111,8 @@ def eval_meta(config: JobConfig, model: str) -> dict[str, Any]:
 
 
 class EvalSession:
-    """A greedy RolloutActor and the retrieval service it searches (started here unless URLs are configured)."""
+    """A greedy RolloutActor in this process and the retrieval service it searches (started here unless URLs are
+    configured)."""
 
     def __init__(self, config: JobConfig, model: str, retrieval_urls: Sequence[str] = (),
                  log_dir: Path | None = None) -> None:
@@ -134,16 +139,21 @@ class EvalSession:
         except BaseException:
             self._stack.close()
             raise
+        self.tokenizer = self.actor.engine.tokenizer
         self.rollouts = 0
         """Questions rolled out by this session (tests check that a resume redoes none)."""
+
+    async def _generate(self, group: PromptGroup) -> pa.RecordBatch:
+        """The scored batch of one question's group."""
+        (batch,) = await self.actor.generate_groups([group])
+        return batch
 
     async def rollout(self, key: str, record: QARecord) -> dict[str, Any]:
         """Roll out one question greedily and return its eval record."""
         from actors.prompts import build_prompt_ids
-        from actors.search_loop import PromptGroup
 
-        prompt_ids = build_prompt_ids(record.question, self.config.rollout.prompt_template, self.actor.engine.tokenizer)
-        (batch,) = await self.actor.generate_groups([PromptGroup(key, prompt_ids, list(record.golden_answers))])
+        prompt_ids = build_prompt_ids(record.question, self.config.rollout.prompt_template, self.tokenizer)
+        batch = await self._generate(PromptGroup(key, prompt_ids, list(record.golden_answers)))
         self.rollouts += 1
         row = batch.slice(0, 1).to_pylist()[0]
         return {
@@ -174,6 +184,81 @@ class EvalSession:
             await self.actor.aclose()
         finally:
             self._stack.close()
+
+
+class RayEvalSession(EvalSession):
+    """The eval fanned out over `actors` greedy RolloutActors on Ray (placed like training's, one engine each).
+
+    Each question goes to the actor with the fewest in flight. An actor that dies is dropped and its questions are
+    retried on the others; only when none is left is a new one started. Without configured URLs the retrieval
+    service runs as Ray replicas, reachable from every node.
+    """
+
+    def __init__(self, config: JobConfig, model: str, actors: int, retrieval_urls: Sequence[str] = (),
+                 ray_address: str | None = None) -> None:
+        import ray
+        from transformers import AutoTokenizer
+
+        from actors.rollout_actor import remote_rollout_actor
+        from cluster.models import resolve_policy
+        from cluster.train import connect_ray
+
+        if actors < 1:
+            raise ValueError(f"a Ray eval needs at least one rollout actor, not {actors}")
+        self.config = config
+        self.rollouts = 0
+        self.replicas: list[Any] = []
+        connect_ray(ray_address)
+        urls = list(retrieval_urls) or list(config.retrieval.urls)
+        if not urls:
+            from cluster.job_setup import ensure_index
+            from cluster.retrieval_replicas import start_replicas
+
+            retrieval = config.retrieval.model_copy(update={"index_dir": str(ensure_index(config))})
+            self.replicas, urls = start_replicas(retrieval, config.retrieval.replicas)
+        policy = resolve_policy(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.policy.tokenizer or policy)
+        self._make_actor = remote_rollout_actor(
+            policy, greedy_rollout_config(config), config.retrieval.model_copy(update={"urls": urls}), config.seed
+        )
+        self.handles: list[Any] = [self._make_actor()[0] for _ in range(actors)]
+        self._in_flight = [0] * actors
+        self.replaced = 0
+        """Actors started because every earlier one had died."""
+        self._ray = ray
+
+    async def _generate(self, group: PromptGroup) -> pa.RecordBatch:
+        from cluster.rollout_pool import ACTOR_GONE
+
+        while True:
+            if not self.handles:
+                self.handles, self._in_flight = [self._make_actor()[0]], [0]
+                self.replaced += 1
+            index = min(range(len(self.handles)), key=self._in_flight.__getitem__)
+            handle = self.handles[index]
+            self._in_flight[index] += 1
+            try:
+                (batch,) = await handle.generate_groups.remote([group])
+                return batch
+            except ACTOR_GONE:
+                log.warning("rollout actor %d died; its questions go to the %d others", index, len(self.handles) - 1)
+                if handle in self.handles:
+                    position = self.handles.index(handle)
+                    del self.handles[position], self._in_flight[position]
+                    self._ray.kill(handle)
+            finally:
+                if handle in self.handles:
+                    self._in_flight[self.handles.index(handle)] -= 1
+
+    async def aclose(self) -> None:
+        """Stop every engine cleanly, then kill the actors and the retrieval replicas we started."""
+        handles = list(self.handles)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(h.aclose.remote() for h in handles), return_exceptions=True), 120)
+        except asyncio.TimeoutError:
+            log.warning("not every rollout actor shut down cleanly; killing them")
+        for handle in handles + self.replicas:
+            self._ray.kill(handle)
 
 
 SessionSource = EvalSession | Callable[[], EvalSession]
@@ -282,8 +367,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="checkpoint export or HF model to evaluate (default: the config's policy)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each file")
+    parser.add_argument("--actors", type=int, default=0,
+                        help="rollout actors on Ray to fan the questions out over (0 = one engine in this process)")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join with --actors (default: $RAY_ADDRESS, the job's cluster, or a local one)")
     parser.add_argument("--concurrency", type=int, default=None,
-                        help="questions in flight at once (default: the engine's max_num_seqs)")
+                        help="questions in flight at once (default: the engine's max_num_seqs per actor)")
     parser.add_argument("--restart", action="store_true", help="discard records of a different earlier eval")
     judge = parser.add_argument_group("LLM-as-a-Judge (any OpenAI-compatible chat endpoint)")
     judge.add_argument("--judge-url", default=None, help="base URL with version prefix, e.g. http://127.0.0.1:8001/v1")
@@ -317,10 +406,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.judge_url:
         judge = JudgeSettings(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
                               concurrency=args.judge_concurrency, structured_output=args.judge_structured)
-    concurrency = args.concurrency or config.rollout.engine.max_num_seqs
+    concurrency = args.concurrency or config.rollout.engine.max_num_seqs * max(args.actors, 1)
+
+    def start_session() -> EvalSession:
+        if args.actors:
+            return RayEvalSession(config, model, args.actors, ray_address=args.ray_address)
+        return EvalSession(config, model, log_dir=out_dir)
+
     markdown = asyncio.run(evaluate(
-        benchmarks, out_dir, lambda: EvalSession(config, model, log_dir=out_dir),
-        policy_name=config.policy.name_or_path, judge_settings=judge, concurrency=concurrency,
+        benchmarks, out_dir, start_session, policy_name=config.policy.name_or_path, judge_settings=judge,
+        concurrency=concurrency,
     ))
     print(markdown.read_text())
     return 0

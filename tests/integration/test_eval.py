@@ -169,3 +169,36 @@ def test_interrupted_eval_resumes_without_redoing_questions(
     assert session.rollouts - rollouts == 10 - len(before)
     by_key = {r["key"]: r for r in after}
     assert all(by_key[r["key"]] == r for r in before)  # finished questions kept as they were
+
+
+def test_eval_fans_out_over_ray_actors_and_survives_a_dead_one(
+    rollout_world: Path, ray_cluster: None, eval_config: JobConfig, run: Callable[..., Any], loop_thread: Any,
+    tmp_path: Path,
+) -> None:
+    import os
+    import signal
+
+    import ray
+
+    from cluster.eval import RayEvalSession
+
+    benchmarks = load_benchmarks([f"world={rollout_world / 'dev.jsonl'}"], limit=12)
+    fanned = RayEvalSession(eval_config, eval_config.policy.name_or_path, actors=2)
+    try:
+        pids = ray.get([handle.pid.remote() for handle in fanned.handles], timeout=300)
+        running = asyncio.run_coroutine_threadsafe(
+            evaluate(benchmarks, tmp_path, fanned, policy_name="tiny", concurrency=2), loop_thread.loop
+        )
+        path = tmp_path / "world" / "records.jsonl"
+        deadline = time.monotonic() + 300
+        while len(read_records_file(path)) < 3:
+            assert time.monotonic() < deadline and not running.done(), "eval finished before an actor could die"
+            time.sleep(0.02)
+        os.kill(pids[0], signal.SIGKILL)  # mid-eval, with a question in flight on it
+        running.result(300)
+        _check_consistent(tmp_path, "world", 12, judged=False)
+        assert fanned.rollouts == 12 and len(fanned.handles) == 1 and fanned.replaced == 0
+        # Both actors answered: the survivor did not do all 12.
+        assert ray.get(fanned.handles[0].metrics.remote(), timeout=60)["groups"] < 12
+    finally:
+        run(fanned.aclose())
