@@ -190,8 +190,9 @@ class RayEvalSession(EvalSession):
     """The eval fanned out over `actors` greedy RolloutActors on Ray (placed like training's, one engine each).
 
     Each question goes to the actor with the fewest in flight. An actor that dies is dropped and its questions are
-    retried on the others; only when none is left is a new one started. Without configured URLs the retrieval
-    service runs as Ray replicas, reachable from every node.
+    retried on the others; when none is left the eval stops with an error, and rerunning the command resumes it
+    (finished questions are on disk). Without configured URLs the retrieval service runs as Ray replicas, reachable
+    from every node.
     """
 
     def __init__(self, config: JobConfig, model: str, actors: int, retrieval_urls: Sequence[str] = (),
@@ -218,13 +219,11 @@ class RayEvalSession(EvalSession):
             self.replicas, urls = start_replicas(retrieval, config.retrieval.replicas)
         policy = resolve_policy(model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.policy.tokenizer or policy)
-        self._make_actor = remote_rollout_actor(
+        make_actor = remote_rollout_actor(
             policy, greedy_rollout_config(config), config.retrieval.model_copy(update={"urls": urls}), config.seed
         )
-        self.handles: list[Any] = [self._make_actor()[0] for _ in range(actors)]
+        self.handles: list[Any] = [make_actor()[0] for _ in range(actors)]
         self._in_flight = [0] * actors
-        self.replaced = 0
-        """Actors started because every earlier one had died."""
         self._ray = ray
 
     async def _generate(self, group: PromptGroup) -> pa.RecordBatch:
@@ -232,8 +231,7 @@ class RayEvalSession(EvalSession):
 
         while True:
             if not self.handles:
-                self.handles, self._in_flight = [self._make_actor()[0]], [0]
-                self.replaced += 1
+                raise RuntimeError("every rollout actor of the eval died (see the Ray logs); rerun to resume")
             index = min(range(len(self.handles)), key=self._in_flight.__getitem__)
             handle = self.handles[index]
             self._in_flight[index] += 1

@@ -197,8 +197,15 @@ def test_eval_fans_out_over_ray_actors_and_survives_a_dead_one(
         os.kill(pids[0], signal.SIGKILL)  # mid-eval, with a question in flight on it
         running.result(300)
         _check_consistent(tmp_path, "world", 12, judged=False)
-        assert fanned.rollouts == 12 and len(fanned.handles) == 1 and fanned.replaced == 0
+        assert fanned.rollouts == 12 and len(fanned.handles) == 1
         # Both actors answered: the survivor did not do all 12.
         assert ray.get(fanned.handles[0].metrics.remote(), timeout=60)["groups"] < 12
+
+        # With every actor dead the eval stops with a clear error; what finished stays on disk for the rerun.
+        os.kill(ray.get(fanned.handles[0].pid.remote(), timeout=60), signal.SIGKILL)
+        more = load_benchmarks([f"world={rollout_world / 'dev.jsonl'}"], limit=14)
+        with pytest.raises(RuntimeError, match="every rollout actor of the eval died"):
+            run(evaluate(more, tmp_path, fanned, policy_name="tiny", concurrency=2))
+        assert len(read_records_file(path)) == 12 and fanned.handles == []
     finally:
         run(fanned.aclose())
