@@ -14,7 +14,7 @@ weight receiver extension (actors.weight_sync.WeightReceiver) lives in that chil
 Behaviour logprobs are vLLM's default "raw_logprobs": log-softmax of the model's logits before temperature, top-k
 or top-p. They equal what the learner computes from the same weights at temperature 1 (the paper's setting); with
 any other sampling the learner recomputes the ratio's denominator itself at the sampling temperature
-(`learner.grpo.old_logprobs`, resolved in cluster/config.py).
+(`learner.grpo.old_logprobs`, resolved by `JobConfig.resolved_learner`).
 """
 
 from __future__ import annotations

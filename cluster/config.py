@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.config import RolloutConfig
 from learner.config import LearnerConfig
@@ -84,16 +84,19 @@ class JobConfig(BaseModel):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The training loop.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
 
-    @model_validator(mode="after")
-    def _learner_matches_sampling(self) -> JobConfig:
-        """The learner scores tokens at the temperature they were sampled at, and picks its ratio denominator."""
+    def resolved_learner(self) -> LearnerConfig:
+        """The learner config the job runs: it scores tokens at the temperature they were sampled at and picks its
+        ratio denominator from the sampling (a copy: the job config keeps 'unset' and 'auto' as the user wrote)."""
         sampling, grpo = self.rollout.sampling, self.learner.grpo
-        if grpo.temperature is None:
-            grpo.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
-        if grpo.old_logprobs == "auto":
-            plain = grpo.temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k <= 0
-            grpo.old_logprobs = "behaviour" if plain else "recompute"
-        return self
+        temperature = grpo.temperature
+        if temperature is None:
+            temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        old_logprobs = grpo.old_logprobs
+        if old_logprobs == "auto":
+            plain = temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k <= 0
+            old_logprobs = "behaviour" if plain else "recompute"
+        resolved = grpo.model_copy(update={"temperature": temperature, "old_logprobs": old_logprobs})
+        return self.learner.model_copy(update={"grpo": resolved})
 
     def resolved_run_dir(self) -> Path:
         """run_dir, or runs/<name>-<timestamp> when unset."""

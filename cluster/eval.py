@@ -190,7 +190,8 @@ class RayEvalSession(EvalSession):
     """The eval fanned out over `actors` greedy RolloutActors on Ray (placed like training's, one engine each).
 
     Each question goes to the actor with the fewest in flight. An actor that dies is dropped and its questions are
-    retried on the others; when none is left the eval stops with an error, and rerunning the command resumes it
+    retried on the others, once: a question whose rollout kills two actors stops the eval with its key rather than
+    killing them all. When no actor is left the eval stops with an error; rerunning the command resumes it
     (finished questions are on disk). Without configured URLs the retrieval service runs as Ray replicas, reachable
     from every node.
     """
@@ -229,7 +230,10 @@ class RayEvalSession(EvalSession):
     async def _generate(self, group: PromptGroup) -> pa.RecordBatch:
         from cluster.rollout_pool import ACTOR_GONE
 
+        deaths = 0
         while True:
+            if deaths >= 2:
+                raise RuntimeError(f"question {group.prompt_id!r} killed {deaths} rollout actors; see the Ray logs")
             if not self.handles:
                 raise RuntimeError("every rollout actor of the eval died (see the Ray logs); rerun to resume")
             index = min(range(len(self.handles)), key=self._in_flight.__getitem__)
@@ -239,6 +243,7 @@ class RayEvalSession(EvalSession):
                 (batch,) = await handle.generate_groups.remote([group])
                 return batch
             except ACTOR_GONE:
+                deaths += 1
                 log.warning("rollout actor %d died; its questions go to the %d others", index, len(self.handles) - 1)
                 if handle in self.handles:
                     position = self.handles.index(handle)

@@ -1,9 +1,10 @@
 """Retrieval service replicas as Ray actors: each serves the FastAPI app on a fixed port and is restarted on death.
 
 Each replica binds the IP of the node Ray placed it on (rollout actors on other nodes must reach it; a loopback
-address would only work on one machine). The port is chosen by the driver and kept for the replica's lifetime, so a
-replica Ray restarts on the same node comes back at the same URL; in the meantime the rollout client fails over to
-the other replicas. Set `retrieval.server.auth_token` when the cluster network is shared.
+address would only work on one machine). The port is chosen by the driver, so a replica Ray restarts on the same
+node comes back at the same URL while that port is free (else on another port, and on another node at another IP:
+clients keep failing over to the other replicas, the driver does not learn the new URL). Set
+`retrieval.server.auth_token` when the cluster network is shared: replicas are reachable from every node.
 """
 
 from __future__ import annotations

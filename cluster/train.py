@@ -102,7 +102,7 @@ class Trainer:
         self.retrieval_urls = urls
         log.info("retrieval service at %s", ", ".join(urls))
 
-        self.learner = LearnerGroup(config.learner, self.policy_path)
+        self.learner = LearnerGroup(config.resolved_learner(), self.policy_path)
         make_actor = remote_rollout_actor(self.policy_path, config.rollout, retrieval.model_copy(update={"urls": urls}),
                                           config.seed)
         self.pool = RolloutPool(make_actor, self.learner)

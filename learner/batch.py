@@ -22,7 +22,7 @@ class TrainBatch:
     input_ids: torch.Tensor  # (B, T) long, right-padded
     attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
     loss_mask: torch.Tensor  # (B, T-1) float, 1 where the target token gets gradient
-    behaviour_logprobs: torch.Tensor  # (B, T-1) float, logprob of the target under the sampling policy
+    behaviour_logprobs: torch.Tensor  # (B, T-1) float, vLLM's logprob of the target (untempered)
     rewards: torch.Tensor  # (B,) float
     response_lengths: torch.Tensor  # (B,) long, response tokens (generated and retrieved) per row
     group_size: int

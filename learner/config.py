@@ -23,7 +23,7 @@ class GRPOConfig(BaseModel):
     eps: float = Field(1e-6, gt=0.0, description="Added to the group std before dividing.")
     temperature: float | None = Field(
         None, gt=0.0, description="Logits are divided by it before every log-softmax (policy, old, reference); "
-        "None = the rollout's sampling temperature in a job, 1.0 alone.",
+        "None = the rollout's sampling temperature in a job (1.0 when sampling is greedy), 1.0 alone.",
     )
     old_logprobs: Literal["auto", "behaviour", "recompute"] = Field(
         "auto", description="Denominator of the importance ratio: the sampler's logprobs ('behaviour'), or the "

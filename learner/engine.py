@@ -101,7 +101,7 @@ def token_logprobs(
     """Logprob of each next token at `temperature`, (B, T-1) in fp32, and optionally the entropy at each position."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     if temperature != 1.0:
-        logits = logits / temperature
+        logits.div_(temperature)  # in place: a second (B, T, vocab) fp32 copy is GBs at a 151k vocabulary
     logsumexp = torch.logsumexp(logits, dim=-1)
     targets = input_ids[:, 1:].unsqueeze(-1)
     logprobs = torch.gather(logits, -1, targets).squeeze(-1) - logsumexp

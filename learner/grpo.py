@@ -98,10 +98,11 @@ def policy_loss(
     entropy: torch.Tensor | None = None,
     max_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO loss: clipped surrogate on the ratio to the behaviour policy, plus kl_coef * KL to the reference.
+    """GRPO loss: clipped surrogate on the ratio to the old policy (the behaviour policy's logprobs, or the learner's
+    recomputed ones), plus kl_coef * KL to the reference.
 
     Returns the scalar loss to minimise and float metrics: policy_loss, kl_loss (kl_coef times the aggregated
-    KL, 0 when not applied), clip_fraction, approx_kl (k3 estimate of KL(behaviour || current), i.e. the
+    KL, 0 when not applied), clip_fraction, approx_kl (k3 estimate of KL(old || current), i.e. the
     masked mean of (ratio - 1) - log(ratio), as CleanRL logs it), and, when their inputs are given, ref_kl
     (masked token mean of the chosen estimator) and entropy (masked token mean).
     """

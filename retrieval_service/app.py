@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -125,16 +126,18 @@ class RequestCounter:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status, answered = 500, False  # an escaping exception is answered 500 by the error middleware outside
 
         async def send_and_note(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_note)
+            if not answered:
+                status = 499  # the client went away before an answer (nginx's code for it)
         finally:
             endpoint = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
@@ -145,9 +148,14 @@ def _document(hit: Hit) -> dict[str, str]:
     return {"id": hit.document.get("id", ""), "contents": hit.document.get("contents", "")}
 
 
+def _score(hit: Hit) -> float | None:
+    """The hit's score; null in JSON if it is not finite (strict JSON clients reject NaN)."""
+    return hit.score if math.isfinite(hit.score) else None
+
+
 def _json(payload: Any) -> Response:
     """Serialise once with json.dumps: skips FastAPI's return-type validation and jsonable_encoder."""
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+    body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8", "replace")
     return Response(body, media_type="application/json")
 
 
@@ -263,7 +271,7 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
     async def retrieve(request: RetrieveRequest) -> Response:
         found = await run(request.queries, request.topk)
         if request.return_scores:
-            return _json({"result": [[{"document": _document(h), "score": h.score} for h in hits] for hits in found]})
+            return _json({"result": [[{"document": _document(h), "score": _score(h)} for h in hits] for hits in found]})
         return _json({"result": [[_document(h) for h in hits] for hits in found]})
 
     @app.post("/batch_search", dependencies=[Depends(authorized)])
@@ -271,7 +279,7 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
         found = await run(request.query, request.top_n)
         documents = [[_document(h) for h in hits] for hits in found]
         if request.return_score:
-            return _json([documents, [[h.score for h in hits] for hits in found]])
+            return _json([documents, [[_score(h) for h in hits] for hits in found]])
         return _json(documents)
 
     @app.post("/search", dependencies=[Depends(authorized)])
@@ -279,7 +287,7 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
         hits = (await run([request.query], request.top_n))[0]
         documents = [_document(h) for h in hits]
         if request.return_score:
-            return _json([documents, [h.score for h in hits]])
+            return _json([documents, [_score(h) for h in hits]])
         return _json(documents)
 
     return app

@@ -28,9 +28,16 @@ OFFSETS_FILE = "docs.offsets.npy"
 FORMAT_VERSION = 1
 BLAS_MIN_QUERIES = 3
 """Exact (Flat) search of this many queries or more runs as one BLAS matrix product instead of one memory scan per
-query. faiss-cpu 1.15 compares `distance_compute_blas_threshold` (default 128000) with queries x dimension, so at
-384-d a micro-batch of 64 scanned every vector 64 times: 5.9 ms per query at 50k vectors on one core, against 0.7 ms
-as one product. One or two queries are faster scanned (5 ms against 7-14 ms)."""
+query. faiss 1.15 compares `distance_compute_blas_threshold` (default 128000) with queries x dimension, so at 384-d a
+micro-batch of 64 scanned every vector 64 times: 5.9 ms per query at 50k vectors on one core, against 0.7 ms as one
+product. One or two queries are faster scanned (5 ms against 7-14 ms). Earlier faiss compares it with the query
+count (default 20)."""
+
+
+def blas_threshold(dim: int, version: str = faiss.__version__) -> int:
+    """The faiss `distance_compute_blas_threshold` that means BLAS_MIN_QUERIES queries for this faiss version."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return BLAS_MIN_QUERIES * dim if (major, minor) >= (1, 15) else BLAS_MIN_QUERIES
 
 
 class IndexMeta(BaseModel):
@@ -114,7 +121,7 @@ class PassageIndex:
         self.index_dir = Path(index_dir)
         self.meta = read_meta(self.index_dir)
         index = faiss.read_index(str(self.index_dir / INDEX_FILE))
-        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * self.meta.dim
+        faiss.cvar.distance_compute_blas_threshold = blas_threshold(self.meta.dim)
         if index.ntotal != self.meta.count:
             raise ValueError(f"{self.index_dir}: faiss holds {index.ntotal} vectors, meta.json says {self.meta.count}")
         # Search-time knobs of approximate indexes; harmless names for Flat are simply not set.

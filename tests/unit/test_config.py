@@ -120,14 +120,18 @@ def test_run_dir_default_and_explicit() -> None:
 def test_learner_temperature_and_ratio_denominator_follow_sampling() -> None:
     from cluster.config import JobConfig
 
-    plain = JobConfig()
-    assert plain.learner.grpo.temperature == 1.0 and plain.learner.grpo.old_logprobs == "behaviour"
-    warm = JobConfig.model_validate({"rollout": {"sampling": {"temperature": 0.7}}})
-    assert warm.learner.grpo.temperature == 0.7 and warm.learner.grpo.recompute_old_logprobs
-    nucleus = JobConfig.model_validate({"rollout": {"sampling": {"top_p": 0.9}}})
-    assert nucleus.learner.grpo.temperature == 1.0 and nucleus.learner.grpo.old_logprobs == "recompute"
-    greedy = JobConfig.model_validate({"rollout": {"sampling": {"temperature": 0.0}}})
-    assert greedy.learner.grpo.temperature == 1.0
+    def resolved(tree: dict) -> tuple[float | None, str]:
+        grpo = JobConfig.model_validate(tree).resolved_learner().grpo
+        return grpo.temperature, grpo.old_logprobs
+
+    assert resolved({}) == (1.0, "behaviour")
+    assert resolved({"rollout": {"sampling": {"temperature": 0.7}}}) == (0.7, "recompute")
+    assert resolved({"rollout": {"sampling": {"top_p": 0.9}}}) == (1.0, "recompute")
+    assert resolved({"rollout": {"sampling": {"temperature": 0.0}}}) == (1.0, "behaviour")
     chosen = {"rollout": {"sampling": {"temperature": 0.7}}, "learner": {"grpo": {"temperature": 1.0, "old_logprobs": "behaviour"}}}
-    explicit = JobConfig.model_validate(chosen)
-    assert explicit.learner.grpo.temperature == 1.0 and not explicit.learner.grpo.recompute_old_logprobs
+    assert resolved(chosen) == (1.0, "behaviour")
+    # The job config itself keeps what the user wrote, so a dumped config re-resolves after a sampling change.
+    config = JobConfig.model_validate({"rollout": {"sampling": {"temperature": 0.7}}})
+    assert config.learner.grpo.temperature is None and config.learner.grpo.old_logprobs == "auto"
+    changed = JobConfig.model_validate({**config.model_dump(), "rollout": {"sampling": {"temperature": 0.5}}})
+    assert changed.resolved_learner().grpo.temperature == 0.5

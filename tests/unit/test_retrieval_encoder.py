@@ -66,3 +66,13 @@ def test_pooling_follows_the_sentence_transformers_config(tmp_path: Path) -> Non
         cls = encoder.model(**batch).last_hidden_state[:, 0]
         expected = torch.nn.functional.normalize(cls, dim=-1).numpy()
     np.testing.assert_allclose(encoder.encode_passages([TEXTS[0]]), expected, atol=1e-5)
+
+
+def test_query_chunks_in_length_order_match_one_by_one(minilm: Encoder) -> None:
+    # 40 queries of 1 to ~30 tokens: more than one CPU chunk of 16, each padded only to its own longest query.
+    queries = [" ".join(["where was the founder of Teboara born"] * (i % 5)) + f" q{i}" for i in range(40)]
+    batched = minilm.encode_queries(queries)
+    one_by_one = np.concatenate([minilm.encode_queries([q]) for q in queries])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    whole = Encoder(EncoderConfig(device="cpu", query_batch_size=0)).encode_queries(queries)  # one padded forward
+    np.testing.assert_allclose(whole, one_by_one, atol=1e-5)

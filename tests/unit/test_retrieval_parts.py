@@ -129,3 +129,51 @@ def test_index_refuses_another_encoder() -> None:
     check_encoder(meta, "all-MiniLM-L6-v2", 384)
     with pytest.raises(ValueError, match="intfloat/e5-base-v2"):
         check_encoder(meta, "intfloat/e5-base-v2", 768)
+
+
+def test_blas_threshold_means_three_queries_in_both_faiss_conventions() -> None:
+    from retrieval_service.index import BLAS_MIN_QUERIES, blas_threshold
+
+    assert blas_threshold(384, "1.15.1") == BLAS_MIN_QUERIES * 384  # compared with queries x dimension
+    assert blas_threshold(768, "1.14.1.post1") == BLAS_MIN_QUERIES  # compared with the query count
+
+
+def test_scores_that_are_not_finite_become_null_in_strict_json() -> None:
+    from retrieval_service.app import _json, _score
+    from retrieval_service.retriever import Hit
+
+    hits = [Hit({"id": "1", "contents": "x"}, 0.5), Hit({"id": "2", "contents": "y"}, float("nan"))]
+    body = _json([[_score(h) for h in hits], "\ud800 lone surrogate"]).body
+    assert json.loads(body) == [[0.5, None], "? lone surrogate"]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "label"), [("answer", "200"), ("disconnect", "499"), ("raise", "500")]
+)
+def test_request_counter_labels_each_outcome(behaviour: str, label: str) -> None:
+    import asyncio
+
+    from retrieval_service.app import RequestCounter
+    from retrieval_service.batcher import SearchMetrics
+
+    async def inner(scope: dict, receive, send) -> None:  # noqa: ANN001 - a minimal ASGI app
+        if behaviour == "raise":
+            raise RuntimeError("boom")
+        if behaviour == "answer":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        return None
+
+    metrics = SearchMetrics()
+    counter = RequestCounter(inner, metrics)
+    try:
+        asyncio.run(counter({"type": "http", "path": "/retrieve"}, receive, send))
+    except RuntimeError:
+        assert behaviour == "raise"
+    value = metrics.registry.get_sample_value("retrieval_requests_total", {"endpoint": "/retrieve", "status": label})
+    assert value == 1.0
