@@ -10,7 +10,6 @@ clients keep failing over to the other replicas, the driver does not learn the n
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import ray
@@ -27,8 +26,7 @@ class RetrievalReplica:
 
         config = RetrievalConfig.model_validate_json(config_json)
         host = host or ray.util.get_node_ip_address()
-        if not port_is_free(host, port):  # the driver picked it on its own node
-            port = free_port(host)
+        port = free_port(host, preferred=port)  # the driver picked it on its own node
         self._server = BackgroundServer(create_app(config), host=host, port=port).start()
         self.url = self._server.url
 
@@ -40,17 +38,6 @@ class RetrievalReplica:
     def pid(self) -> int:
         """This replica's process id (tests kill it by PID)."""
         return os.getpid()
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether (host, port) can be bound right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT does not count
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def start_replicas(config: RetrievalConfig, count: int, cpus_per_replica: float = 0.5,

@@ -14,11 +14,17 @@ from pathlib import Path
 import httpx
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on host right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_port(host: str = "127.0.0.1", preferred: int = 0) -> int:
+    """A TCP port that is free on host right now: `preferred` when it is, else any."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT does not count
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise OSError(f"no free TCP port on {host}")
 
 
 def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
