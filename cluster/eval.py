@@ -255,13 +255,11 @@ class RayEvalSession(EvalSession):
 
     async def aclose(self) -> None:
         """Stop every engine cleanly, then kill the actors and the retrieval replicas we started."""
-        handles = list(self.handles)
-        try:
-            await asyncio.wait_for(asyncio.gather(*(h.aclose.remote() for h in handles), return_exceptions=True), 120)
-        except asyncio.TimeoutError:
-            log.warning("not every rollout actor shut down cleanly; killing them")
-        for handle in handles + self.replicas:
-            self._ray.kill(handle)
+        from cluster.rollout_pool import stop_actors
+
+        await asyncio.to_thread(stop_actors, list(self.handles))
+        for replica in self.replicas:
+            self._ray.kill(replica)
 
 
 SessionSource = EvalSession | Callable[[], EvalSession]

@@ -22,6 +22,17 @@ log = logging.getLogger(__name__)
 ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
+def stop_actors(handles: list[Any], timeout: float = 120.0) -> None:
+    """Stop rollout actors: engines shut down cleanly first (that frees their shared memory), then every actor is
+    killed, a dead or stuck one included."""
+    try:
+        ray.get([handle.aclose.remote() for handle in handles], timeout=timeout)
+    except Exception:  # noqa: BLE001 - a dead or stuck actor is killed below all the same
+        log.warning("not every rollout actor shut down cleanly; killing them")
+    for handle in handles:
+        ray.kill(handle)
+
+
 @dataclass
 class RolloutSlot:
     """One rollout actor as the driver tracks it."""

@@ -14,11 +14,12 @@ class ReferencePolicy:
     """A frozen copy of the policy; under ZeRO-3 it is partitioned across ranks like the policy itself."""
 
     def __init__(self, config: LearnerConfig, model_path: str, device: torch.device) -> None:
-        # An optimizer-less ZeRO-3 engine holds 1/world of the weights per rank and gathers layer by layer.
-        ds = {"train_micro_batch_size_per_gpu": config.micro_batch_size, "zero_optimization": {"stage": 3}}
+        # Under ZeRO-3 an optimizer-less engine holds 1/world of the weights per rank and gathers layer by layer.
+        stage = {"stage": config.zero_stage}
+        ds = {"train_micro_batch_size_per_gpu": config.micro_batch_size, "zero_optimization": stage}
         if resolve_dtype(config) == torch.bfloat16:
             ds["bf16"] = {"enabled": True}
-        with partitioned_loading(ds if config.zero_stage == 3 else {}):
+        with partitioned_loading(ds):
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(config))
         model.config.use_cache = False
         model.requires_grad_(False)
