@@ -18,7 +18,10 @@ class SamplingConfig(BaseModel):
     max_response_tokens: int = Field(
         8192, ge=1, description="Response token budget per trajectory, inserted <result> tokens included."
     )
-    max_turns: int = Field(8, ge=1, description="Generation calls per trajectory (each search starts a new turn).")
+    max_turns: int | None = Field(
+        None, ge=1, description="Generation calls per trajectory (each search starts a new turn); None = no limit, "
+        "as the reference (only the token budget ends a trajectory). A search in the last allowed turn is not run.",
+    )
     seed: int | None = Field(None, description="Sampling seed; None draws fresh randomness.")
 
 

@@ -10,6 +10,7 @@ The Python string literals below are written as in the reference (line continuat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 PromptTemplate = Literal["base", "instruct"]
@@ -59,8 +60,42 @@ def build_prompt(question: str, template: str, tokenizer: Any = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+@dataclass(frozen=True)
+class Question:
+    """One question as it travels from the dataset to a rollout actor: its id, prompt token ids, golden answers."""
+
+    prompt_id: str
+    prompt_ids: list[int]
+    golden_answers: list[str]
+    text: str = ""
+
+
 def build_prompt_ids(question: str, template: str, tokenizer: Any) -> list[int]:
     """The prompt's token ids, ready to hand to the engine."""
     text = build_prompt(question, template, tokenizer)
     # A chat template writes its own BOS (if the model has one); only the plain base prompt needs the tokenizer's.
     return list(tokenizer.encode(text, add_special_tokens=(template == "base")))
+
+
+# ---- what the environment inserts after a search call ----------------------------------------------------------------
+RESULT_TEMPLATE = " <result>\n{}\n</result>"
+"""The block inserted after `</search>` (ReSearch's rollout writes exactly this framing)."""
+EMPTY_QUERY_RESULT = "invalid query"
+"""Result text for a search call without a query (ReSearch's search() answers the same)."""
+RETRIEVAL_ERROR_RESULT = "Search failed: the retrieval service did not answer. Continue without this result."
+"""Result text when retrieval gave up after its retries; counted in the trajectory's `retrieval_errors`."""
+ResultStyle = Literal["research", "searchr1"]
+
+
+def format_passages(passages: list[Any], style: ResultStyle = "research") -> str:
+    """The text inside a result block: ReSearch's `"Title"\\ntext` passages, or Search-R1's `Doc i(Title: t) text`.
+
+    A literal `</result>` in a passage would end the block early, so it is removed.
+    """
+    if style == "research":
+        text = "\n\n".join(f'"{p.title}"\n{p.text}' for p in passages).strip()
+    elif style == "searchr1":
+        text = "\n".join(f"Doc {i}(Title: {p.title}) {p.text}" for i, p in enumerate(passages, start=1))
+    else:
+        raise ValueError(f"unknown result style {style!r}; expected 'research' or 'searchr1'")
+    return text.replace("</result>", "")

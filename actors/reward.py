@@ -4,10 +4,11 @@ F1 = 0, and 0 for an invalid format. Pure text in, float out: a malformed model 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypedDict
 
 from actors.tags import extract_answer, is_valid_format
+from actors.trajectory import Trajectory
 from qa import scoring
 
 FORMAT_REWARD = 0.1
@@ -56,3 +57,29 @@ def toy_low_token_ids_reward(response_ids: Sequence[int], loss_mask: Sequence[in
     random tiny policy learns in a few GRPO steps, so end-to-end tests can prove sign, masking and weight sync."""
     own = [token for token, keep in zip(response_ids, loss_mask, strict=True) if keep]
     return sum(token < TOY_TOKEN_THRESHOLD for token in own) / len(own) if own else 0.0
+
+
+def _research(trajectory: Trajectory, golden_answers: Sequence[str]) -> Trajectory:
+    details = score_details(trajectory.response_text, list(golden_answers), finished=trajectory.finished)
+    trajectory.reward = float(details["reward"])
+    trajectory.format_valid = bool(details["format_valid"])
+    trajectory.f1, trajectory.em, trajectory.answer = float(details["f1"]), float(details["em"]), details["answer"]
+    return trajectory
+
+
+def _toy(trajectory: Trajectory, golden_answers: Sequence[str]) -> Trajectory:
+    _research(trajectory, golden_answers)  # the answer metrics stay on the dashboard
+    trajectory.reward = toy_low_token_ids_reward(trajectory.response_ids, trajectory.loss_mask)
+    return trajectory
+
+
+REWARD_FNS: dict[str, Callable[[Trajectory, Sequence[str]], Trajectory]] = {
+    "research": _research, "toy-low-token-ids": _toy,
+}
+
+
+def reward_fn(name: str) -> Callable[[Trajectory, Sequence[str]], Trajectory]:
+    """The function that fills a trajectory's reward and its parts, by its config name (`rollout.reward_fn`)."""
+    if name not in REWARD_FNS:
+        raise ValueError(f"unknown reward function {name!r}; expected one of {', '.join(REWARD_FNS)}")
+    return REWARD_FNS[name]

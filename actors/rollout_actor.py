@@ -14,57 +14,66 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from actors.config import RolloutConfig, SamplingConfig
 from actors.engine import RolloutEngine
-from actors.search_loop import PromptGroup, SearchSettings, rollout_group
+from actors.prompts import Question
+from actors.reward import reward_fn
+from actors.rollout import SearchTool, rollout_group
+
+if TYPE_CHECKING:
+    from retrieval_service.config import RetrievalConfig
 
 
 class RolloutActor:
     """Owns one RolloutEngine and one RetrievalClient; samples groups, loads broadcast weights, reports metrics."""
 
     def __init__(
-        self,
-        model: str,
-        config: RolloutConfig | None = None,
-        retrieval_urls: Sequence[str] = (),
-        topk: int = 5,
-        result_style: Literal["research", "searchr1"] = "research",
-        retrieval_timeout_s: float = 30.0,
-        retrieval_retries: int = 4,
-        seed: int = 0,
-        policy_version: int = 0,
+        self, model: str, config: RolloutConfig | None = None, retrieval: RetrievalConfig | None = None,
+        seed: int = 0, policy_version: int = 0,
     ) -> None:
         from retrieval_service.client import RetrievalClient
+        from retrieval_service.config import RetrievalConfig
 
         self.config = config or RolloutConfig()
+        retrieval = retrieval or RetrievalConfig()
         self.engine = RolloutEngine(model, self.config.engine, seed=seed)
-        self.client = RetrievalClient(list(retrieval_urls), timeout=retrieval_timeout_s, retries=retrieval_retries)
-        self.settings = SearchSettings(topk=topk, result_style=result_style, reward_fn=self.config.reward_fn)
+        self.client = RetrievalClient.from_config(retrieval)
+        self.search = SearchTool(self.client, retrieval.topk, retrieval.result_format)
+        self.reward = reward_fn(self.config.reward_fn)  # the one place the reward is chosen
         self._policy_version = policy_version
         self._in_flight = 0
         self._totals: dict[str, float] = {}
         self._last_sync: dict[str, Any] = {}
 
-    async def _group(
-        self, group: PromptGroup, policy_version: int | None, sampling: SamplingConfig | None = None,
+    async def generate_group(
+        self, question: Question, policy_version: int | None = None, sampling: dict[str, Any] | None = None,
         group_size: int | None = None,
     ) -> pa.RecordBatch:
+        """One question's scored group (the driver's call); `sampling` overrides configured SamplingConfig fields
+        (e.g. greedy validation) and `group_size` the configured group size."""
+        config = self.config.sampling
+        if sampling:  # overrides are validated like the YAML
+            config = SamplingConfig.model_validate({**config.model_dump(), **sampling})
         self._in_flight += 1
         try:
             version = self._policy_version if policy_version is None else policy_version
-            batch = await rollout_group(
-                self.engine, self.client, group, group_size or self.config.group_size,
-                sampling or self.config.sampling, self.settings, version,
-            )
+            batch = await rollout_group(self.engine, self.search, question, group_size or self.config.group_size,
+                                        config, self.reward, version)
         finally:
             self._in_flight -= 1
         self._count(batch)
         return batch
+
+    async def generate_groups(
+        self, questions: Sequence[Question], policy_version: int | None = None
+    ) -> list[pa.RecordBatch]:
+        """One scored record batch per question (group_size samples each), in the order given."""
+        return list(await asyncio.gather(*(self.generate_group(q, policy_version) for q in questions)))
 
     def _count(self, batch: pa.RecordBatch) -> None:
         totals = self._totals
@@ -75,44 +84,16 @@ class RolloutActor:
             values = batch.column(column).to_pylist()
             totals[column] = totals.get(column, 0) + float(sum(values))
 
-    async def generate_groups(
-        self, prompt_groups: Sequence[PromptGroup], policy_version: int | None = None
-    ) -> list[pa.RecordBatch]:
-        """One scored record batch per prompt group (group_size samples each), in the order given."""
-        return list(await asyncio.gather(*(self._group(group, policy_version) for group in prompt_groups)))
-
-    async def generate_group(
-        self, prompt_id: str, prompt_ids: Sequence[int], golden_answers: Sequence[str],
-        policy_version: int | None = None, sampling: dict[str, Any] | None = None, group_size: int | None = None,
-    ) -> pa.RecordBatch:
-        """One prompt's group (the driver's call); `sampling` overrides configured SamplingConfig fields (e.g. greedy
-        validation) and `group_size` the configured group size."""
-        config = self.config.sampling.model_copy(update=sampling) if sampling else None
-        if config is not None:
-            config = SamplingConfig.model_validate(config.model_dump())  # overrides are validated like the YAML
-        group = PromptGroup(prompt_id, list(prompt_ids), list(golden_answers))
-        return await self._group(group, policy_version, config, group_size)
-
-    async def stream_groups(
-        self, prompt_groups: Sequence[PromptGroup], policy_version: int | None = None
-    ) -> AsyncIterator[pa.RecordBatch]:
-        """The same batches as `generate_groups`, each yielded as soon as its group finishes."""
-        tasks = [asyncio.ensure_future(self._group(group, policy_version)) for group in prompt_groups]
-        try:
-            for finished in asyncio.as_completed(tasks):
-                yield await finished
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    async def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int) -> list[int]:
+    async def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int,
+                                backend: str) -> list[int]:
         """Join the learner's weight group (collective: the learner's WeightSender.connect runs meanwhile)."""
         return await self.engine.collective_rpc(
-            "research_join_weight_group", args=(host, port, world_size, rank_offset)
+            "research_join_weight_group", args=(host, port, world_size, rank_offset, backend)
         )
 
-    async def update_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Receive and load the weights the learner broadcasts for `manifest`; then drop stale prefix-cache KV."""
+    async def load_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Receive and load the weights the learner broadcasts for `manifest` (every worker of the engine); then
+        drop prefix-cache KV computed with the old weights."""
         started = time.perf_counter()
         workers = await self.engine.collective_rpc("research_load_weights", args=(manifest,))
         await self.engine.reset_prefix_cache()
@@ -125,10 +106,6 @@ class RolloutActor:
             "workers": len(workers),
         }
         return dict(self._last_sync)
-
-    async def load_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """The driver's name for `update_weights`."""
-        return await self.update_weights(manifest)
 
     def pid(self) -> int:
         """This actor's process id (the driver uses it to kill one in fault-tolerance tests)."""
@@ -170,22 +147,16 @@ class RolloutActor:
 
 
 def remote_rollout_actor(
-    model: str, config: RolloutConfig, retrieval: Any = None, seed: int = 0
+    model: str, config: RolloutConfig, retrieval: RetrievalConfig | None = None, seed: int = 0
 ) -> Callable[[], tuple[Any, int]]:
     """A factory of Ray RolloutActors reserving the CPUs/GPUs `config` asks for; each call starts one and returns
-    (handle, engine workers in the weight group). `retrieval` is a RetrievalConfig (urls, topk, format, retries)."""
+    (handle, engine workers in the weight group)."""
     import ray
 
     actor_class = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)(RolloutActor)
-    options: dict[str, Any] = {}
-    if retrieval is not None:
-        options = {
-            "retrieval_urls": list(retrieval.urls), "topk": retrieval.topk, "result_style": retrieval.result_format,
-            "retrieval_timeout_s": retrieval.timeout_s, "retrieval_retries": retrieval.retries,
-        }
 
     def make_actor() -> tuple[Any, int]:
-        return actor_class.remote(model, config, seed=seed, **options), config.engine.tensor_parallel_size
+        return actor_class.remote(model, config, retrieval, seed=seed), config.engine.tensor_parallel_size
 
     make_actor.actor_class = actor_class  # type: ignore[attr-defined]
     return make_actor

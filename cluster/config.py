@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -28,7 +28,6 @@ class PolicyConfig(BaseModel):
         description="'tiny-random-qwen2' (built on the fly), 'smollm2-135m-instruct' (packaged), a directory or hub id.",
     )
     tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; None = same as the policy.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
 
 
 class DataConfig(BaseModel):
@@ -75,7 +74,6 @@ class JobConfig(BaseModel):
     name: str = Field("research", description="Run name; the default run_dir is runs/<name>-<timestamp>.")
     seed: int = Field(0, description="Seed of data order, sampling and initialisation.")
     run_dir: str | None = Field(None, description="Where checkpoints, metrics, logs and plots go.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when GPUs are visible.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The model being trained.")
     data: DataConfig = Field(default_factory=DataConfig, description="Questions.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout actors and sampling.")
@@ -87,16 +85,9 @@ class JobConfig(BaseModel):
     def resolved_learner(self) -> LearnerConfig:
         """The learner config the job runs: it scores tokens at the temperature they were sampled at and picks its
         ratio denominator from the sampling (a copy: the job config keeps 'unset' and 'auto' as the user wrote)."""
-        sampling, grpo = self.rollout.sampling, self.learner.grpo
-        temperature = grpo.temperature
-        if temperature is None:
-            temperature = sampling.temperature if sampling.temperature > 0 else 1.0
-        old_logprobs = grpo.old_logprobs
-        if old_logprobs == "auto":
-            plain = temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k <= 0
-            old_logprobs = "behaviour" if plain else "recompute"
-        resolved = grpo.model_copy(update={"temperature": temperature, "old_logprobs": old_logprobs})
-        return self.learner.model_copy(update={"grpo": resolved})
+        sampling = self.rollout.sampling
+        grpo = self.learner.grpo.resolved(sampling.temperature, sampling.top_p, sampling.top_k)
+        return self.learner.model_copy(update={"grpo": grpo})
 
     def resolved_run_dir(self) -> Path:
         """run_dir, or runs/<name>-<timestamp> when unset."""

@@ -28,7 +28,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from actors.config import RolloutConfig
-from actors.search_loop import PromptGroup
+from actors.prompts import Question
 from cluster.config import ConfigError, JobConfig, load_config
 from cluster.eval_report import (
     RECORDS,
@@ -130,12 +130,8 @@ class EvalSession:
                 log_path = (log_dir / "retrieval.log") if log_dir else None
                 service = self._stack.enter_context(ServiceProcess(ensure_index(config), log_path=log_path))
                 urls = [service.url]
-            self.actor = RolloutActor(
-                resolve_policy(model), greedy_rollout_config(config), retrieval_urls=urls,
-                topk=config.retrieval.topk, result_style=config.retrieval.result_format,
-                retrieval_timeout_s=config.retrieval.timeout_s, retrieval_retries=config.retrieval.retries,
-                seed=config.seed,
-            )
+            self.actor = RolloutActor(resolve_policy(model), greedy_rollout_config(config),
+                                      config.retrieval.model_copy(update={"urls": urls}), seed=config.seed)
         except BaseException:
             self._stack.close()
             raise
@@ -143,17 +139,16 @@ class EvalSession:
         self.rollouts = 0
         """Questions rolled out by this session (tests check that a resume redoes none)."""
 
-    async def _generate(self, group: PromptGroup) -> pa.RecordBatch:
+    async def _generate(self, question: Question) -> pa.RecordBatch:
         """The scored batch of one question's group."""
-        (batch,) = await self.actor.generate_groups([group])
-        return batch
+        return await self.actor.generate_group(question)
 
     async def rollout(self, key: str, record: QARecord) -> dict[str, Any]:
         """Roll out one question greedily and return its eval record."""
         from actors.prompts import build_prompt_ids
 
         prompt_ids = build_prompt_ids(record.question, self.config.rollout.prompt_template, self.tokenizer)
-        batch = await self._generate(PromptGroup(key, prompt_ids, list(record.golden_answers)))
+        batch = await self._generate(Question(key, prompt_ids, list(record.golden_answers), record.question))
         self.rollouts += 1
         row = batch.slice(0, 1).to_pylist()[0]
         return {
@@ -227,21 +222,20 @@ class RayEvalSession(EvalSession):
         self._in_flight = [0] * actors
         self._ray = ray
 
-    async def _generate(self, group: PromptGroup) -> pa.RecordBatch:
+    async def _generate(self, question: Question) -> pa.RecordBatch:
         from cluster.rollout_pool import ACTOR_GONE
 
         deaths = 0
         while True:
             if deaths >= 2:
-                raise RuntimeError(f"question {group.prompt_id!r} killed {deaths} rollout actors; see the Ray logs")
+                raise RuntimeError(f"question {question.prompt_id!r} killed {deaths} rollout actors; see the Ray logs")
             if not self.handles:
                 raise RuntimeError("every rollout actor of the eval died (see the Ray logs); rerun to resume")
             index = min(range(len(self.handles)), key=self._in_flight.__getitem__)
             handle = self.handles[index]
             self._in_flight[index] += 1
             try:
-                (batch,) = await handle.generate_groups.remote([group])
-                return batch
+                return await handle.generate_group.remote(question)
             except ACTOR_GONE:
                 deaths += 1
                 log.warning("rollout actor %d died; its questions go to the %d others", index, len(self.handles) - 1)

@@ -8,24 +8,14 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors.prompts import Question, build_prompt_ids
 from cluster.config import JobConfig
 from cluster.models import cache_root
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Question:
-    """One training or validation question, with its prompt already tokenised for the policy."""
-
-    prompt_id: str
-    question: str
-    golden_answers: list[str]
-    prompt_ids: list[int]
 
 
 def world_dir(config: JobConfig) -> Path:
@@ -71,7 +61,6 @@ def load_questions(files: list[Path], tokenizer: Any, template: str, max_prompt_
     With `sample_seed`, `limit` questions are drawn at random (the paper's 100-question validation subset);
     otherwise the first `limit` are kept.
     """
-    from actors.prompts import build_prompt_ids
     from qa.readers import read_records
 
     records = [record for path in files for record in read_records(path)]
@@ -85,7 +74,7 @@ def load_questions(files: list[Path], tokenizer: Any, template: str, max_prompt_
         if len(ids) > max_prompt_tokens:
             too_long += 1
             continue
-        questions.append(Question(f"{record.source}:{record.id}", record.question, list(record.golden_answers), ids))
+        questions.append(Question(f"{record.source}:{record.id}", ids, list(record.golden_answers), record.question))
     if too_long:
         log.warning("dropped %d questions whose prompts exceed %d tokens", too_long, max_prompt_tokens)
     if not questions:

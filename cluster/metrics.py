@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 METRICS_FILE = "metrics.jsonl"
 CURVES_PNG = "curves.png"
 # The curves a ReSearch practitioner watches (paper Fig. 3/4): reward, response length, search calls.
@@ -16,6 +19,39 @@ CURVES = (
     ("rollout/response_length", None, "response length (tokens)"),
     ("rollout/searches", None, "searches per trajectory"),
 )
+
+
+def batch_metrics(groups: list[pa.RecordBatch], policy_version: int) -> dict[str, float]:
+    """Rollout-side scalars of a training batch: reward, format, answer quality, lengths, searches, staleness."""
+    table = pa.Table.from_batches(groups)
+    col = {name: table.column(name).to_numpy(zero_copy_only=False) for name in (
+        "reward", "format_valid", "f1", "em", "num_searches", "num_turns", "generated_tokens", "truncated",
+        "retrieval_errors", "generation_seconds", "retrieval_seconds", "policy_version")}
+    lengths = np.array([len(r) for r in table.column("response_ids").to_pylist()])
+    staleness = policy_version - col["policy_version"]
+    return {
+        "reward/mean": float(col["reward"].mean()), "reward/std": float(col["reward"].std()),
+        "reward/format_valid": float(col["format_valid"].mean()), "reward/f1": float(col["f1"].mean()),
+        "reward/em": float(col["em"].mean()),
+        "rollout/response_length": float(lengths.mean()), "rollout/generated_tokens": float(col["generated_tokens"].sum()),
+        "rollout/searches": float(col["num_searches"].mean()), "rollout/turns": float(col["num_turns"].mean()),
+        "rollout/truncated": float(col["truncated"].mean()), "rollout/retrieval_errors": float(col["retrieval_errors"].sum()),
+        "rollout/generation_seconds": float(col["generation_seconds"].mean()),
+        "rollout/retrieval_seconds": float(col["retrieval_seconds"].mean()),
+        "staleness/mean": float(staleness.mean()), "staleness/max": float(staleness.max()),
+        **{f"staleness/frac_{k}": float((staleness == k).mean()) for k in range(int(staleness.max()) + 1)},
+    }
+
+
+def validation_metrics(batches: list[pa.RecordBatch]) -> dict[str, float]:
+    """Means of greedy validation rollouts: reward, format validity, answer F1/EM and searches."""
+    if not batches:
+        return {}
+    table = pa.Table.from_batches(batches)
+    mean = {k: float(np.mean(table.column(k).to_numpy(zero_copy_only=False))) for k in
+            ("reward", "format_valid", "f1", "em", "num_searches")}
+    return {"val/reward": mean["reward"], "val/format_valid": mean["format_valid"], "val/f1": mean["f1"],
+            "val/em": mean["em"], "val/searches": mean["num_searches"]}
 
 
 class MetricsLogger:
@@ -40,6 +76,8 @@ class MetricsLogger:
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """Record one step's scalars everywhere; non-finite values are written to JSONL as null."""
+        if not scalars:
+            return
         clean = {k: float(v) for k, v in scalars.items() if v is not None}
         record = {"step": step, "time": time.time(),
                   **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}

@@ -14,8 +14,10 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
+from actors.prompts import Question
+from actors.rollout import UnfinishedGeneration
 from cluster.data_stream import PromptItem
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,18 @@ class RolloutSlot:
 
 @dataclass
 class Finished:
-    """The outcome of one dispatched group: its batch, or the news that its actor died."""
+    """The outcome of one dispatched group: its batch, or why there is none (its actor died, or vLLM cut a
+    generation short); either way the prompt is requeued."""
 
     item: PromptItem
     actor_id: int
     batch: pa.RecordBatch | None
     error: BaseException | None = None
+
+    @property
+    def actor_died(self) -> bool:
+        """Whether the actor is gone (and must be replaced), rather than one rollout having failed."""
+        return isinstance(self.error, ACTOR_GONE)
 
 
 class RolloutPool:
@@ -66,6 +74,10 @@ class RolloutPool:
         self.group_stale = True
         self.sync_timeout_s = sync_timeout_s
         self.replaced = 0
+        self.failed = 0
+        """Rollouts that vLLM ended for a reason other than EOS, a stop string or the budget (requeued)."""
+        self.policy_version = 0
+        """The policy version every engine holds (what dispatched work is stamped with)."""
 
     # ---- membership -------------------------------------------------------------------------------------------
     def add(self, count: int = 1) -> None:
@@ -117,16 +129,14 @@ class RolloutPool:
         """Groups dispatched and not yet returned."""
         return sum(len(s.in_flight) for s in self.slots.values())
 
-    def dispatch(self, item: PromptItem, question: Any, policy_version: int, sampling: dict | None = None,
+    def dispatch(self, item: PromptItem, question: Question, sampling: dict | None = None,
                  group_size: int | None = None) -> asyncio.Future:
         """Send one prompt group to the least-loaded active actor; the future resolves to a Finished."""
         slot = min(self.active, key=lambda s: (len(s.in_flight), s.actor_id))
         ticket = next(self._tickets)
         slot.in_flight[ticket] = item
-        ref = slot.handle.generate_group.remote(
-            question.prompt_id, question.prompt_ids, question.golden_answers, policy_version,
-            sampling=sampling, group_size=group_size,
-        )
+        ref = slot.handle.generate_group.remote(question, self.policy_version, sampling=sampling,
+                                                group_size=group_size)
         return asyncio.ensure_future(self._collect(slot, ticket, item, ref))
 
     async def _collect(self, slot: RolloutSlot, ticket: int, item: PromptItem, ref: Any) -> Finished:
@@ -135,18 +145,42 @@ class RolloutPool:
             return Finished(item, slot.actor_id, batch)
         except ACTOR_GONE as error:
             return Finished(item, slot.actor_id, None, error)
+        except RayTaskError as error:
+            if not isinstance(error.cause, UnfinishedGeneration):
+                raise
+            log.warning("requeueing prompt %d: %s", item.index, error.cause)
+            self.failed += 1
+            return Finished(item, slot.actor_id, None, error.cause)
         finally:
             slot.in_flight.pop(ticket, None)
 
     # ---- weights ------------------------------------------------------------------------------------------------
+    def sync_weights(self) -> dict[str, Any]:
+        """Put the learner's current weights into every engine: the driver asks, the learner sends, engines load.
+
+        One control call per engine; learner ranks and engine workers meet inside the same broadcasts. Engines hold
+        the new policy version only once every load has returned, so dispatch stamps work with the old one until then.
+        """
+        self._replace_dead_members()
+        if self.group_stale:
+            self._rebuild_group()
+        slots = list(self.slots.values())
+        manifest = self.learner.weight_manifest()
+        sends = self.learner.send_weights(manifest)
+        loads = [slot.handle.load_weights.remote(manifest) for slot in slots]
+        sent = ray.get(sends, timeout=self.sync_timeout_s)[0]
+        loaded = ray.get(loads, timeout=self.sync_timeout_s)
+        self.policy_version = int(manifest["policy_version"])
+        return {"policy_version": self.policy_version, "sender": sent, "receivers": loaded}
+
     def _rebuild_group(self) -> None:
-        """A new standalone weight group of learner rank 0 + every worker of every live engine."""
+        """A new weight group of learner rank 0 + every worker of every live engine (after any membership change)."""
         slots = list(self.slots.values())
         world_size = 1 + sum(s.workers for s in slots)
-        host, port = self.learner.open_weight_group(world_size)
+        host, port, backend = self.learner.open_weight_group(world_size, self.sync_timeout_s)
         joins, offset = [], 1
         for slot in slots:
-            joins.append(slot.handle.join_weight_group.remote(host, port, world_size, offset))
+            joins.append(slot.handle.join_weight_group.remote(host, port, world_size, offset, backend))
             offset += slot.workers
         ray.get([self.learner.connect_weight_group(), *joins], timeout=self.sync_timeout_s)
         self.group_stale = False
@@ -159,14 +193,3 @@ class RolloutPool:
                 ray.get(slot.handle.pid.remote(), timeout=self.sync_timeout_s)
             except ACTOR_GONE:
                 self.replace_dead(slot.actor_id)
-
-    def sync_weights(self, bump_version: bool) -> dict[str, Any]:
-        """Broadcast the learner's weights to every engine (one control call each); rebuilds the group if stale."""
-        self._replace_dead_members()
-        if self.group_stale:
-            self._rebuild_group()
-        slots = list(self.slots.values())
-        info = self.learner.sync_weights(
-            lambda manifest: [s.handle.load_weights.remote(manifest) for s in slots], bump_version=bump_version
-        )
-        return info

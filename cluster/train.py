@@ -1,8 +1,8 @@
 """`python -m cluster.train CONFIG [key=value ...] [--resume]`: the job `ray job submit` runs.
 
-One step: dispatch prompt groups to rollout actors (admission: at most max_staleness + 1 policy versions of work in
-flight), collect finished groups as they stream in, train the learner on the oldest `batch_size` groups, broadcast the
-new weights, log. With max_staleness = 0 this is the synchronous on-policy loop; with >= 1 generation runs ahead while
+One step: dispatch questions to rollout actors (admission: at most max_staleness + 1 policy versions of work in
+flight), collect finished groups as they stream in, compute advantages (learner.advantages) and train the learner on
+the oldest `batch_size` groups, sync the new weights into every engine (RolloutPool.sync_weights), log. With max_staleness = 0 this is the synchronous on-policy loop; with >= 1 generation runs ahead while
 the learner trains, and every group carries the policy version that produced it.
 """
 
@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 
 from cluster.config import ConfigError, JobConfig, load_config
-from cluster.data_stream import PromptStream
-from cluster.metrics import MetricsLogger, plot_curves
+from cluster.data_stream import PromptItem, PromptStream
+from cluster.metrics import MetricsLogger, batch_metrics, plot_curves, validation_metrics
 from cluster.rollout_pool import RolloutPool, stop_actors
 
 log = logging.getLogger("research.train")
@@ -43,28 +42,6 @@ def connect_ray(address: str | None, quiet: bool = False) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 4),
              log_to_driver=not quiet)
-
-
-def batch_metrics(groups: list[pa.RecordBatch], policy_version: int) -> dict[str, float]:
-    """Rollout-side scalars of a training batch: reward, format, answer quality, lengths, searches, staleness."""
-    table = pa.Table.from_batches(groups)
-    col = {name: table.column(name).to_numpy(zero_copy_only=False) for name in (
-        "reward", "format_valid", "f1", "em", "num_searches", "num_turns", "generated_tokens", "truncated",
-        "retrieval_errors", "generation_seconds", "retrieval_seconds", "policy_version")}
-    lengths = np.array([len(r) for r in table.column("response_ids").to_pylist()])
-    staleness = policy_version - col["policy_version"]
-    return {
-        "reward/mean": float(col["reward"].mean()), "reward/std": float(col["reward"].std()),
-        "reward/format_valid": float(col["format_valid"].mean()), "reward/f1": float(col["f1"].mean()),
-        "reward/em": float(col["em"].mean()),
-        "rollout/response_length": float(lengths.mean()), "rollout/generated_tokens": float(col["generated_tokens"].sum()),
-        "rollout/searches": float(col["num_searches"].mean()), "rollout/turns": float(col["num_turns"].mean()),
-        "rollout/truncated": float(col["truncated"].mean()), "rollout/retrieval_errors": float(col["retrieval_errors"].sum()),
-        "rollout/generation_seconds": float(col["generation_seconds"].mean()),
-        "rollout/retrieval_seconds": float(col["retrieval_seconds"].mean()),
-        "staleness/mean": float(staleness.mean()), "staleness/max": float(staleness.max()),
-        **{f"staleness/frac_{k}": float((staleness == k).mean()) for k in range(int(staleness.max()) + 1)},
-    }
 
 
 class Trainer:
@@ -99,7 +76,6 @@ class Trainer:
         else:
             index = ensure_index(config)
             self.replicas, urls = start_replicas(retrieval.model_copy(update={"index_dir": str(index)}), retrieval.replicas)
-        self.retrieval_urls = urls
         log.info("retrieval service at %s", ", ".join(urls))
 
         self.learner = LearnerGroup(config.resolved_learner(), self.policy_path)
@@ -112,7 +88,138 @@ class Trainer:
             self._resume()
         self.metrics = MetricsLogger(run_dir, config.logging.tensorboard, config.logging.wandb_project,
                                      run_name=config.name, config=config.model_dump(mode="json"))
-        self.pool.sync_weights(bump_version=False)
+        self.pool.sync_weights()
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    async def run(self) -> dict[str, Any]:
+        """Train until the epochs or max_steps run out; returns a summary."""
+        trainer = self.config.trainer
+        batch_size, window = trainer.batch_size, (trainer.max_staleness + 1) * trainer.batch_size
+        max_steps = trainer.max_steps or 10**12
+        first_val = await self.validate()
+        self.metrics.log(self.step, first_val)
+        buffer: list[tuple[PromptItem, pa.RecordBatch]] = []
+        pending: set[asyncio.Future] = set()
+        learning: asyncio.Task | None = None
+        learning_groups = 0  # groups taken by the running update count against the window until it finishes
+        step_started = time.perf_counter()
+        while self.step < max_steps:
+            # admission control: at most max_staleness + 1 batches of work generated ahead of the learner
+            while (len(buffer) + self.pool.in_flight + learning_groups < window
+                   and (item := self.stream.next()) is not None):
+                pending.add(self.pool.dispatch(item, self.train_questions[item.index]))
+            if learning is None:
+                buffer = self._drop_too_stale(buffer)
+            ready = len(buffer) >= batch_size or (buffer and not pending and learning is None)
+            if learning is None and ready:
+                buffer.sort(key=lambda entry: entry[1].column("policy_version")[0].as_py())
+                taken, buffer = buffer[:batch_size], buffer[batch_size:]
+                learning_groups = len(taken)
+                learning = asyncio.ensure_future(self._learn(taken, step_started))
+            if not pending and learning is None:
+                break  # nothing in flight, nothing to learn: the data is exhausted
+            waiting = pending | ({learning} if learning else set())
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                if future is learning:
+                    learning.result()
+                    learning, learning_groups = None, 0
+                    step_started = time.perf_counter()
+                    await self._between_steps()
+                    continue
+                pending.discard(future)
+                finished = future.result()
+                if finished.batch is not None:
+                    buffer.append((finished.item, finished.batch))
+                    continue
+                self.stream.requeue(finished.item)  # its rollout failed: the prompt goes round again
+                if finished.actor_died:
+                    self.pool.replace_dead(finished.actor_id)
+                    await asyncio.to_thread(self.pool.sync_weights)
+        for future in pending:
+            future.cancel()
+        last_val = await self.validate()
+        self.metrics.log(self.step, last_val)
+        checkpoint = self.save()
+        export = self.learner.export_hf(str(self.run_dir / "hf"), self.policy_path)
+        self.metrics.close()
+        png = plot_curves(self.run_dir)
+        return {"steps": self.step, "policy_version": self.learner.policy_version, "checkpoint": checkpoint,
+                "hf_export": export, "curves": str(png), "val_before": first_val, "val_after": last_val,
+                "rollout_actors_replaced": self.pool.replaced, "rollouts_failed": self.pool.failed}
+
+    async def _learn(self, taken: list[tuple[PromptItem, pa.RecordBatch]], step_started: float) -> None:
+        """One policy update on `taken` groups: advantages, the learner's update, the weight sync; logs the step."""
+        from learner.advantages import with_advantages
+
+        groups = [batch for _, batch in taken]
+        scalars = batch_metrics(groups, self.learner.policy_version)
+        if scalars["staleness/max"] > self.config.trainer.max_staleness:
+            raise RuntimeError(f"trained on data {scalars['staleness/max']:.0f} versions old, "
+                               f"above max_staleness={self.config.trainer.max_staleness}")
+        grpo = self.config.learner.grpo
+        trajectories = with_advantages(groups, grpo.advantage, grpo.eps)
+        waited = time.perf_counter() - step_started
+        started = time.perf_counter()
+        learner_metrics = await asyncio.to_thread(self.learner.train_step, trajectories)
+        learner_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        await asyncio.to_thread(self.pool.sync_weights)
+        sync_seconds = time.perf_counter() - started
+        for item, _ in taken:
+            self.stream.consume(item)
+        self.step += 1
+        with open(self.run_dir / "trained.jsonl", "a", encoding="utf-8") as audit:  # exactly-once audit trail
+            audit.write(json.dumps({"step": self.step, "prompts": [[i.epoch, i.index] for i, _ in taken]}) + "\n")
+        step_seconds = time.perf_counter() - step_started
+        scalars.update({f"learner/{k}": v for k, v in learner_metrics.items()})
+        scalars.update({
+            "time/wait_for_rollouts": waited, "time/learner": learner_seconds, "time/weight_sync": sync_seconds,
+            "time/step": step_seconds, "throughput/generated_tokens_per_s": scalars["rollout/generated_tokens"] / step_seconds,
+            "policy_version": float(self.learner.policy_version), "rollout/actors": float(len(self.pool.active)),
+            "rollout/failed": float(self.pool.failed), "data/epoch": float(self.stream.epoch),
+            "data/consumed_in_epoch": float(self.stream.consumed_in_epoch),
+        })
+        self.metrics.log(self.step, scalars)
+        log.info("step %d: reward %.3f, length %.1f, searches %.2f, learner %.2fs, sync %.2fs", self.step,
+                 scalars["reward/mean"], scalars["rollout/response_length"], scalars["rollout/searches"],
+                 learner_seconds, sync_seconds)
+
+    def _drop_too_stale(self, buffer: list[tuple[PromptItem, pa.RecordBatch]]) -> list[tuple[PromptItem, pa.RecordBatch]]:
+        """Requeue groups older than max_staleness allows (admission keeps this from happening; this is the guard)."""
+        oldest = self.learner.policy_version - self.config.trainer.max_staleness
+        kept = []
+        for item, batch in buffer:
+            version = batch.column("policy_version")[0].as_py()
+            if version < oldest:
+                log.warning("requeueing prompt %d: generated by policy %d, now %d", item.index, version,
+                            self.learner.policy_version)
+                self.stream.requeue(item)
+            else:
+                kept.append((item, batch))
+        return kept
+
+    async def _between_steps(self) -> None:
+        """Validation, checkpoints and scaling happen at step boundaries."""
+        trainer = self.config.trainer
+        if trainer.val_every and self.step % trainer.val_every == 0:
+            self.metrics.log(self.step, await self.validate())
+        if trainer.save_every and self.step % trainer.save_every == 0:
+            self.save()
+        self._apply_control()
+        if self.pool.reap_retired() or self.pool.group_stale:
+            await asyncio.to_thread(self.pool.sync_weights)
+        self._write_actors()
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    async def validate(self) -> dict[str, float]:
+        """Greedy rollouts of the held-out questions with the current policy; mean reward and answer quality."""
+        if not self.val_questions:
+            return {}
+        futures = [self.pool.dispatch(PromptItem(i, -1), q, sampling={"temperature": 0.0}, group_size=1)
+                   for i, q in enumerate(self.val_questions)]
+        results = await asyncio.gather(*futures)
+        return validation_metrics([r.batch for r in results if r.batch is not None])
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -142,143 +249,6 @@ class Trainer:
         if target >= 1 and target != len(self.pool.active):
             log.info("scaling rollout actors %d -> %d", len(self.pool.active), target)
             self.pool.scale_to(target)
-
-    # ---- validation ---------------------------------------------------------------------------------------------
-    async def validate(self) -> dict[str, float]:
-        """Greedy rollouts of the held-out questions with the current policy; mean reward and answer quality."""
-        from cluster.data_stream import PromptItem
-
-        if not self.val_questions:
-            return {}
-        futures = [self.pool.dispatch(PromptItem(i, -1), q, self.learner.policy_version,
-                                      sampling={"temperature": 0.0}, group_size=1)
-                   for i, q in enumerate(self.val_questions)]
-        results = await asyncio.gather(*futures)
-        batches = [r.batch for r in results if r.batch is not None]
-        if not batches:
-            return {}
-        table = pa.Table.from_batches(batches)
-        mean = {k: float(np.mean(table.column(k).to_numpy(zero_copy_only=False))) for k in
-                ("reward", "format_valid", "f1", "em", "num_searches")}
-        return {"val/reward": mean["reward"], "val/format_valid": mean["format_valid"], "val/f1": mean["f1"],
-                "val/em": mean["em"], "val/searches": mean["num_searches"]}
-
-    # ---- the loop -----------------------------------------------------------------------------------------------
-    async def run(self) -> dict[str, Any]:
-        """Train until the epochs or max_steps run out; returns a summary."""
-        trainer = self.config.trainer
-        batch_size, window = trainer.batch_size, (trainer.max_staleness + 1) * trainer.batch_size
-        max_steps = trainer.max_steps or 10**12
-        first_val = await self.validate()
-        if first_val:
-            self.metrics.log(self.step, first_val)
-        buffer: list[tuple[Any, pa.RecordBatch]] = []
-        pending: set[asyncio.Future] = set()
-        learning: asyncio.Task | None = None
-        learning_groups = 0  # groups taken by the running update count against the window until it finishes
-        step_started = time.perf_counter()
-        while self.step < max_steps:
-            # admission control: at most max_staleness + 1 batches of work generated ahead of the learner
-            while (len(buffer) + self.pool.in_flight + learning_groups < window
-                   and (item := self.stream.next()) is not None):
-                pending.add(self.pool.dispatch(item, self.train_questions[item.index], self.learner.policy_version))
-            if learning is None:
-                buffer = self._drop_too_stale(buffer)
-            ready = len(buffer) >= batch_size or (buffer and not pending and learning is None)
-            if learning is None and ready:
-                buffer.sort(key=lambda entry: entry[1].column("policy_version")[0].as_py())
-                taken, buffer = buffer[:batch_size], buffer[batch_size:]
-                learning_groups = len(taken)
-                learning = asyncio.ensure_future(self._learn(taken, step_started))
-            if not pending and learning is None:
-                break  # nothing in flight, nothing to learn: the data is exhausted
-            waiting = pending | ({learning} if learning else set())
-            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                if future is learning:
-                    learning.result()
-                    learning, learning_groups = None, 0
-                    step_started = time.perf_counter()
-                    await self._between_steps()
-                    continue
-                pending.discard(future)
-                finished = future.result()
-                if finished.error is not None:
-                    self.pool.replace_dead(finished.actor_id)
-                    self.stream.requeue(finished.item)
-                    await asyncio.to_thread(self.pool.sync_weights, False)
-                else:
-                    buffer.append((finished.item, finished.batch))
-        for future in pending:
-            future.cancel()
-        last_val = await self.validate()
-        if last_val:
-            self.metrics.log(self.step, last_val)
-        checkpoint = self.save()
-        export = self.learner.export_hf(str(self.run_dir / "hf"), self.policy_path)
-        self.metrics.close()
-        png = plot_curves(self.run_dir)
-        return {"steps": self.step, "policy_version": self.learner.policy_version, "checkpoint": checkpoint,
-                "hf_export": export, "curves": str(png), "val_before": first_val, "val_after": last_val,
-                "rollout_actors_replaced": self.pool.replaced}
-
-    def _drop_too_stale(self, buffer: list[tuple[Any, pa.RecordBatch]]) -> list[tuple[Any, pa.RecordBatch]]:
-        """Requeue groups older than max_staleness allows (admission keeps this from happening; this is the guard)."""
-        oldest = self.learner.policy_version - self.config.trainer.max_staleness
-        kept = []
-        for item, batch in buffer:
-            version = batch.column("policy_version")[0].as_py()
-            if version < oldest:
-                log.warning("requeueing prompt %d: generated by policy %d, now %d", item.index, version,
-                            self.learner.policy_version)
-                self.stream.requeue(item)
-            else:
-                kept.append((item, batch))
-        return kept
-
-    async def _learn(self, taken: list[tuple[Any, pa.RecordBatch]], step_started: float) -> None:
-        """One policy update on `taken` groups, then the weight broadcast; logs the step's metrics."""
-        groups = [batch for _, batch in taken]
-        scalars = batch_metrics(groups, self.learner.policy_version)
-        if scalars["staleness/max"] > self.config.trainer.max_staleness:
-            raise RuntimeError(f"trained on data {scalars['staleness/max']:.0f} versions old, "
-                               f"above max_staleness={self.config.trainer.max_staleness}")
-        waited = time.perf_counter() - step_started
-        started = time.perf_counter()
-        learner_metrics = await asyncio.to_thread(self.learner.train_step, groups)
-        learner_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        await asyncio.to_thread(self.pool.sync_weights, True)
-        sync_seconds = time.perf_counter() - started
-        for item, _ in taken:
-            self.stream.consume(item)
-        self.step += 1
-        with open(self.run_dir / "trained.jsonl", "a", encoding="utf-8") as audit:  # exactly-once audit trail
-            audit.write(json.dumps({"step": self.step, "prompts": [[i.epoch, i.index] for i, _ in taken]}) + "\n")
-        step_seconds = time.perf_counter() - step_started
-        scalars.update({f"learner/{k}": v for k, v in learner_metrics.items()})
-        scalars.update({
-            "time/wait_for_rollouts": waited, "time/learner": learner_seconds, "time/weight_sync": sync_seconds,
-            "time/step": step_seconds, "throughput/generated_tokens_per_s": scalars["rollout/generated_tokens"] / step_seconds,
-            "policy_version": float(self.learner.policy_version), "rollout/actors": float(len(self.pool.active)),
-            "data/epoch": float(self.stream.epoch), "data/consumed_in_epoch": float(self.stream.consumed_in_epoch),
-        })
-        self.metrics.log(self.step, scalars)
-        log.info("step %d: reward %.3f, length %.1f, searches %.2f, learner %.2fs, sync %.2fs", self.step,
-                 scalars["reward/mean"], scalars["rollout/response_length"], scalars["rollout/searches"],
-                 learner_seconds, sync_seconds)
-
-    async def _between_steps(self) -> None:
-        """Validation, checkpoints and scaling happen at step boundaries."""
-        trainer = self.config.trainer
-        if trainer.val_every and self.step % trainer.val_every == 0:
-            self.metrics.log(self.step, await self.validate())
-        if trainer.save_every and self.step % trainer.save_every == 0:
-            self.save()
-        self._apply_control()
-        if self.pool.reap_retired() or self.pool.group_stale:
-            await asyncio.to_thread(self.pool.sync_weights, False)
-        self._write_actors()
 
     def _write_actors(self) -> None:
         """run_dir/actors.json: the live rollout actors' PIDs (operators and tests use it)."""

@@ -1,4 +1,4 @@
-"""Collate trajectories (Arrow record batches, one per prompt group) into padded (B, T) training tensors.
+"""Collate trajectories (an Arrow table with an `advantage` column) into padded (B, T) training tensors.
 
 Layout: each row is prompt + response, right-padded to the longest row. Logits at position p predict the token
 at p + 1, so every per-token tensor the loss uses (`loss_mask`, `behaviour_logprobs`) has T - 1 columns and
@@ -8,7 +8,6 @@ Prompt columns and padding have loss_mask 0; retrieved tokens keep the 0 the rol
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import pyarrow as pa
@@ -17,15 +16,16 @@ import torch
 
 @dataclass
 class TrainBatch:
-    """Padded tensors of B trajectories, group by group (`group_size` samples of one prompt side by side)."""
+    """Padded tensors of B trajectories; rows added only to split evenly over ranks have `real` 0 and no loss."""
 
     input_ids: torch.Tensor  # (B, T) long, right-padded
     attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
     loss_mask: torch.Tensor  # (B, T-1) float, 1 where the target token gets gradient
     behaviour_logprobs: torch.Tensor  # (B, T-1) float, vLLM's logprob of the target (untempered)
-    rewards: torch.Tensor  # (B,) float
+    advantages: torch.Tensor  # (B,) float, one per trajectory
+    rewards: torch.Tensor  # (B,) float (metrics only)
     response_lengths: torch.Tensor  # (B,) long, response tokens (generated and retrieved) per row
-    group_size: int
+    real: torch.Tensor  # (B,) float, 1 on trajectories, 0 on padding rows
 
     @property
     def size(self) -> int:
@@ -46,10 +46,29 @@ class TrainBatch:
             attention_mask=attention[:, :length],
             loss_mask=self.loss_mask[start:stop, : length - 1],
             behaviour_logprobs=self.behaviour_logprobs[start:stop, : length - 1],
+            advantages=self.advantages[start:stop],
             rewards=self.rewards[start:stop],
             response_lengths=self.response_lengths[start:stop],
-            group_size=self.group_size,
+            real=self.real[start:stop],
         )
+
+    def padded(self, multiple: int) -> TrainBatch:
+        """The batch with rows appended until its size divides by `multiple`: each a one-token-prompt row with
+        loss_mask 0, advantage 0 and `real` 0, so it changes neither the loss nor any gradient."""
+        extra = -self.size % multiple
+        if not extra:
+            return self
+        width = self.input_ids.shape[1]
+        pad = {f.name: getattr(self, f.name) for f in fields(self)}
+        pad["input_ids"] = torch.cat([self.input_ids, self.input_ids.new_zeros(extra, width)])
+        attention = self.attention_mask.new_zeros(extra, width)
+        attention[:, :2] = 1  # two tokens, so the row has one (masked) target like any other
+        pad["attention_mask"] = torch.cat([self.attention_mask, attention])
+        for name in ("loss_mask", "behaviour_logprobs"):
+            pad[name] = torch.cat([pad[name], pad[name].new_zeros(extra, width - 1)])
+        for name in ("advantages", "rewards", "response_lengths", "real"):
+            pad[name] = torch.cat([pad[name], pad[name].new_zeros(extra)])
+        return TrainBatch(**pad)
 
     def to(self, device: torch.device | str) -> TrainBatch:
         """The same batch with every tensor on `device`."""
@@ -60,21 +79,19 @@ class TrainBatch:
         return TrainBatch(**moved)
 
 
-def collate(groups: Sequence[pa.RecordBatch] | pa.Table, pad_token_id: int) -> TrainBatch:
-    """Pad prompt+response rows of trajectory record batches (columns of actors.trajectory) into a TrainBatch."""
-    if isinstance(groups, pa.Table):
-        groups = groups.to_batches()
-    groups = [g for g in groups if g.num_rows]
-    if not groups:
+def collate(table: pa.Table, pad_token_id: int) -> TrainBatch:
+    """Pad prompt+response rows of trajectories (actors.trajectory columns plus `advantage`) into a TrainBatch."""
+    if isinstance(table, list | tuple):
+        table = pa.Table.from_batches(list(table))
+    if table.num_rows == 0:
         raise ValueError("no trajectories to collate")
-    group_size = groups[0].num_rows
-    if any(g.num_rows != group_size for g in groups):
-        raise ValueError(f"every record batch must hold one group of equal size; sizes {[g.num_rows for g in groups]}")
-    table = pa.Table.from_batches(groups)
+    if "advantage" not in table.column_names:
+        raise ValueError("trajectories need an `advantage` column (learner.advantages.with_advantages adds one)")
     prompts = table.column("prompt_ids").to_pylist()
     responses = table.column("response_ids").to_pylist()
     masks = table.column("loss_mask").to_pylist()
     behaviour = table.column("behaviour_logprobs").to_pylist()
+    advantages = torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32)
     rewards = torch.tensor(table.column("reward").to_pylist(), dtype=torch.float32)
 
     rows = len(prompts)
@@ -98,6 +115,5 @@ def collate(groups: Sequence[pa.RecordBatch] | pa.Table, pad_token_id: int) -> T
         loss_mask[i, start : start + len(response)] = torch.tensor(mask, dtype=torch.float32)
         behaviour_logprobs[i, start : start + len(response)] = torch.tensor(logprobs, dtype=torch.float32)
     response_lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
-    return TrainBatch(
-        input_ids, attention_mask, loss_mask, behaviour_logprobs, rewards, response_lengths, group_size
-    )
+    return TrainBatch(input_ids, attention_mask, loss_mask, behaviour_logprobs, advantages, rewards, response_lengths,
+                      torch.ones(rows))

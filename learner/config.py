@@ -19,7 +19,10 @@ class GRPOConfig(BaseModel):
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="Loss aggregation over tokens and sequences."
     )
-    scale_by_std: bool = Field(True, description="Divide group-centred rewards by the group std (False = Dr. GRPO).")
+    advantage: Literal["grpo", "dr-grpo", "rloo"] = Field(
+        "grpo", description="Advantage estimator (learner/advantages.py): grpo = (r - mean) / (std + eps), dr-grpo = "
+        "r - mean, rloo = r - mean of the other samples.",
+    )
     eps: float = Field(1e-6, gt=0.0, description="Added to the group std before dividing.")
     temperature: float | None = Field(
         None, gt=0.0, description="Logits are divided by it before every log-softmax (policy, old, reference); "
@@ -38,10 +41,21 @@ class GRPOConfig(BaseModel):
 
     @property
     def recompute_old_logprobs(self) -> bool:
-        """Whether the ratio's denominator comes from the learner rather than the sampler."""
-        if self.old_logprobs == "auto":
-            return self.logit_temperature != 1.0
-        return self.old_logprobs == "recompute"
+        """Whether the ratio's denominator comes from the learner rather than the sampler (an unresolved 'auto'
+        assumes no top-p/top-k: a job resolves it with its sampling, see `resolved`)."""
+        return self.resolved(self.logit_temperature, 1.0, -1).old_logprobs == "recompute"
+
+    def resolved(self, sampling_temperature: float, top_p: float, top_k: int) -> GRPOConfig:
+        """A copy for a run that samples this way: temperature unset -> the sampling temperature (1.0 when greedy),
+        old_logprobs auto -> behaviour only when vLLM's raw logprobs are the sampler's (T = 1, no top-p/top-k)."""
+        temperature = self.temperature
+        if temperature is None:
+            temperature = sampling_temperature if sampling_temperature > 0 else 1.0
+        old_logprobs = self.old_logprobs
+        if old_logprobs == "auto":
+            plain = temperature == 1.0 and top_p == 1.0 and top_k <= 0
+            old_logprobs = "behaviour" if plain else "recompute"
+        return self.model_copy(update={"temperature": temperature, "old_logprobs": old_logprobs})
 
 
 class LearnerConfig(BaseModel):

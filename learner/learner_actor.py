@@ -8,11 +8,11 @@ once and every rank reads the same global batch: each takes its own rows inside 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -20,7 +20,7 @@ from learner.config import LearnerConfig
 
 
 class Learner:
-    """One DeepSpeed rank: owns a LearnerEngine, its checkpoints and (rank 0) the weight broadcaster."""
+    """One DeepSpeed rank: owns a LearnerEngine, its checkpoints and (rank 0) the weight sender."""
 
     def __init__(self, config: dict[str, Any], model_path: str, rank: int, world_size: int) -> None:
         self.config = LearnerConfig.model_validate(config)
@@ -28,34 +28,35 @@ class Learner:
         self.rank = rank
         self.world_size = world_size
         self.engine = None
-        self.broadcaster = None
+        self.sender = None
 
     def node_address(self) -> tuple[str, int]:
         """(node IP, a free port) for the rank-0 rendezvous."""
-        from learner.engine import free_port
+        from torch.distributed.elastic.utils.distributed import get_free_port
 
-        return ray.util.get_node_ip_address(), free_port()
+        return ray.util.get_node_ip_address(), get_free_port()
 
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the DeepSpeed process group and build the engine (and the reference when kl_coef > 0)."""
-        from learner.engine import LearnerEngine, init_distributed
+        from learner.distributed import init_distributed
+        from learner.engine import LearnerEngine
 
         os.environ.setdefault("LOCAL_RANK", "0")
         init_distributed(self.rank, self.world_size, master_addr, master_port)
         self.engine = LearnerEngine(self.config, self.model_path)
         return self.engine.rank
 
-    def train_step(self, groups: Sequence[pa.RecordBatch] | pa.Table) -> dict[str, float]:
-        """One GRPO update on the global batch of trajectory groups."""
+    def train_step(self, trajectories: pa.Table) -> dict[str, float]:
+        """One GRPO update on the global batch (trajectories with their `advantage` column)."""
         from learner.batch import collate
 
-        return self.engine.train_step(collate(groups, self.engine.pad_token_id))
+        return self.engine.train_step(collate(trajectories, self.engine.pad_token_id))
 
-    def compute_logprobs(self, groups: Sequence[pa.RecordBatch] | pa.Table) -> Any:
+    def compute_logprobs(self, trajectories: pa.Table) -> Any:
         """Current-policy next-token logprobs of the batch as a (B, T-1) numpy array."""
         from learner.batch import collate
 
-        return self.engine.compute_logprobs(collate(groups, self.engine.pad_token_id)).numpy()
+        return self.engine.compute_logprobs(collate(trajectories, self.engine.pad_token_id)).numpy()
 
     def full_parameters(self) -> dict[str, Any] | None:
         """Rank 0: {name: numpy array} of the full weights (a collective under ZeRO-3); None elsewhere."""
@@ -84,30 +85,55 @@ class Learner:
         path = export_hf(self.engine, directory, tokenizer_path or self.model_path)
         return str(path) if path is not None else None
 
-    def open_weight_group(self, world_size: int, host: str) -> tuple[str, int] | None:
-        """Build the broadcaster; rank 0 also starts the weight group's TCPStore and returns its address."""
-        from learner.broadcast import WeightBroadcaster
+    def open_weight_group(self, world_size: int, timeout_s: float) -> tuple[str, int, str] | None:
+        """Rank 0: serve a new weight group for `world_size` members on this node's address; returns (host, port,
+        backend)."""
+        from actors.weight_sync import WeightSender
 
-        self.broadcaster = WeightBroadcaster(self.engine, self.config.weight_sync_bucket_mb, host)
-        return self.broadcaster.open(world_size) if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        if self.sender is not None:
+            self.sender.close()
+        self.sender = WeightSender(ray.util.get_node_ip_address(), world_size, self.engine.device, timeout_s)
+        return self.sender.address
 
     def connect_weight_group(self) -> None:
         """Rank 0: join the weight group (returns once every engine worker has joined)."""
         if self.rank == 0:
-            self.broadcaster.connect()
+            self.sender.connect()
 
     def weight_manifest(self, policy_version: int) -> dict[str, Any]:
-        """The control message of the next sync."""
-        return self.broadcaster.manifest(policy_version)
+        """The control message of the next sync: every parameter's full shape (ZeRO-3's ds_shape) and the buckets."""
+        from actors.weight_sync import backend_for, make_manifest
 
-    def broadcast_weights(self, manifest: dict[str, Any]) -> dict[str, float]:
-        """Send the weights as `manifest` describes (every rank joins the ZeRO-3 gathers)."""
-        return self.broadcaster.broadcast(manifest)
+        specs = [(name, torch.empty(getattr(p, "ds_shape", p.shape), dtype=p.dtype, device="meta"))
+                 for name, p in self.engine.module.named_parameters()]
+        return make_manifest(specs, policy_version, self.config.weight_sync_bucket_mb, backend_for(self.engine.device))
+
+    def send_weights(self, manifest: dict[str, Any]) -> dict[str, float]:
+        """Rank 0 broadcasts every bucket of `manifest`; under ZeRO-3 every rank joins each bucket's gather."""
+        from learner.distributed import gathered
+
+        zero3 = self.config.zero_stage == 3
+        if self.rank != 0 and not zero3:
+            return {}
+        parameters = [p for _, p in self.engine.module.named_parameters()]
+
+        def buckets() -> Any:
+            for start, end, _, _ in manifest["buckets"]:
+                with gathered(parameters[start:end], zero3):  # released once rank 0 has packed the bucket
+                    yield [p.data for p in parameters[start:end]]
+
+        if self.rank == 0:
+            return self.sender.send(manifest, buckets())
+        for _ in buckets():
+            pass
+        return {}
 
     def close(self) -> None:
         """Leave the weight group and the DeepSpeed process group."""
-        if self.broadcaster is not None:
-            self.broadcaster.close()
+        if self.sender is not None:
+            self.sender.close()
         if self.engine is not None:
             self.engine.close()
 
@@ -143,15 +169,16 @@ class LearnerGroup:
         """Call `method` on every rank at once (they are collectives) and wait for all answers."""
         return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
 
-    def train_step(self, groups: Sequence[pa.RecordBatch] | pa.Table) -> dict[str, float]:
-        """One GRPO update on a batch of trajectory groups; rank 0's metrics (they are global already)."""
-        batch_ref = ray.put(list(groups) if not isinstance(groups, pa.Table) else groups)
-        return self._all("train_step", batch_ref)[0]
+    def train_step(self, trajectories: pa.Table) -> dict[str, float]:
+        """One GRPO update (rank 0's metrics: they are global already); the learner's weights become the next
+        policy version, which engines hold once the driver has synced them."""
+        metrics = self._all("train_step", ray.put(trajectories))[0]
+        self.policy_version += 1
+        return metrics
 
-    def compute_logprobs(self, groups: Sequence[pa.RecordBatch] | pa.Table) -> Any:
+    def compute_logprobs(self, trajectories: pa.Table) -> Any:
         """Current-policy logprobs of the batch, (B, T-1)."""
-        batch_ref = ray.put(list(groups) if not isinstance(groups, pa.Table) else groups)
-        return self._all("compute_logprobs", batch_ref)[0]
+        return self._all("compute_logprobs", ray.put(trajectories))[0]
 
     def full_parameters(self) -> dict[str, Any]:
         """{name: numpy array} of the full current weights."""
@@ -171,30 +198,21 @@ class LearnerGroup:
         """Hugging Face export of the current weights."""
         return self._all("export_hf", directory, tokenizer_path)[0]
 
-    def open_weight_group(self, world_size: int, host: str = "127.0.0.1") -> tuple[str, int]:
-        """Start the weight group for `world_size` members (1 learner + engine workers); returns (host, port)."""
-        return self._all("open_weight_group", world_size, host)[0]
+    def open_weight_group(self, world_size: int, timeout_s: float = 300.0) -> tuple[str, int, str]:
+        """Start a weight group for `world_size` members (1 learner + engine workers) on rank 0's node."""
+        return self._all("open_weight_group", world_size, timeout_s)[0]
 
     def connect_weight_group(self) -> ray.ObjectRef:
         """Start rank 0's join; the caller makes every engine join too, then waits on the returned ref."""
         return self.actors[0].connect_weight_group.remote()
 
-    def start_weight_sync(self, bump_version: bool = True) -> tuple[dict[str, Any], list[ray.ObjectRef]]:
-        """Bump the policy version (unless re-sending the current weights to new engines) and start the broadcast on
-        every rank; returns the manifest for the engines' one control call each, and the refs to wait on."""
-        if bump_version:
-            self.policy_version += 1
-        manifest = ray.get(self.actors[0].weight_manifest.remote(self.policy_version))
-        return manifest, [actor.broadcast_weights.remote(manifest) for actor in self.actors]
+    def weight_manifest(self) -> dict[str, Any]:
+        """The manifest of a sync of the learner's current weights (stamped with its policy version)."""
+        return ray.get(self.actors[0].weight_manifest.remote(self.policy_version))
 
-    def sync_weights(
-        self, start_loads: Callable[[dict[str, Any]], list[ray.ObjectRef]], bump_version: bool = True
-    ) -> dict[str, Any]:
-        """A whole sync to Ray-hosted engines: `start_loads(manifest)` makes one control call per engine."""
-        manifest, sends = self.start_weight_sync(bump_version)
-        loads = start_loads(manifest)
-        sent = ray.get(sends)[0]
-        return {"policy_version": self.policy_version, "sender": sent, "receivers": ray.get(loads)}
+    def send_weights(self, manifest: dict[str, Any]) -> list[ray.ObjectRef]:
+        """Start the broadcast on every rank; the caller starts the engines' loads and waits on both."""
+        return [actor.send_weights.remote(manifest) for actor in self.actors]
 
     def shutdown(self) -> None:
         """Stop every rank and release the placement group."""

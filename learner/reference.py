@@ -3,34 +3,27 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
-from learner.engine import partitioned_loading, resolve_dtype, token_logprobs
+from learner.distributed import deepspeed_config, load_model
+from learner.logprobs import token_logprobs
 
 
 class ReferencePolicy:
     """A frozen copy of the policy; under ZeRO-3 it is partitioned across ranks like the policy itself."""
 
     def __init__(self, config: LearnerConfig, model_path: str, device: torch.device) -> None:
-        # Under ZeRO-3 an optimizer-less engine holds 1/world of the weights per rank and gathers layer by layer.
-        stage = {"stage": config.zero_stage}
-        ds = {"train_micro_batch_size_per_gpu": config.micro_batch_size, "zero_optimization": stage}
-        if resolve_dtype(config) == torch.bfloat16:
-            ds["bf16"] = {"enabled": True}
-        with partitioned_loading(ds):
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(config))
-        model.config.use_cache = False
+        model = load_model(config, model_path, trainable=False)
         model.requires_grad_(False)
-        model.eval()
         if config.zero_stage == 3:
             import deepspeed
 
-            model, _, _, _ = deepspeed.initialize(model=model, config=ds)
-            model.eval()
+            # An optimizer-less engine holds 1/world of the weights per rank and gathers layer by layer.
+            model, _, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(config, trainable=False))
         else:
             model.to(device)
+        model.eval()
         self.model = model
         self.temperature = config.grpo.logit_temperature
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 from dataclasses import dataclass
-from typing import Literal
 
 import httpx
 
+from retrieval_service.config import TOKEN_ENV, RetrievalConfig
 from retrieval_service.corpus import split_contents
 
 
@@ -41,15 +42,6 @@ class _ClientError(Exception):
     """A 4xx answer: retrying the same request cannot help."""
 
 
-def format_result_block(passages: list[Passage], style: Literal["research", "searchr1"] = "research") -> str:
-    """Text that goes inside <result>\\n...\\n</result>: ReSearch's passages or Search-R1's 'Doc i(Title: t) text'."""
-    if style == "research":
-        return "\n\n".join(p.contents for p in passages).strip()
-    if style == "searchr1":
-        return "\n".join(f"Doc {i}(Title: {p.title}) {p.text}" for i, p in enumerate(passages, start=1))
-    raise ValueError(f"unknown result style {style!r}; expected 'research' or 'searchr1'")
-
-
 class RetrievalClient:
     """Talks to one or more service replicas through a pooled httpx.AsyncClient."""
 
@@ -71,6 +63,14 @@ class RetrievalClient:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers)
         self._start = itertools.cycle(range(len(self.urls)))
+
+    @classmethod
+    def from_config(cls, config: RetrievalConfig) -> RetrievalClient:
+        """A client of `config.urls` with its timeout, retries and backoff; the token is the service's
+        (`server.auth_token`) or, when unset, $RESEARCH_RETRIEVAL_TOKEN, the variable `research serve` reads."""
+        token = config.server.auth_token or os.environ.get(TOKEN_ENV) or None
+        return cls(list(config.urls), timeout=config.timeout_s, retries=config.retries, backoff=config.backoff_s,
+                   token=token)
 
     async def search(self, queries: list[str], topk: int) -> list[list[Passage]]:
         """Top-k passages of each query (Search-R1's /retrieve with scores)."""

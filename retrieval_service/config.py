@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+TOKEN_ENV = "RESEARCH_RETRIEVAL_TOKEN"
+"""The environment variable that holds the service's bearer token (server and clients read it)."""
 
 
 class EncoderConfig(BaseModel):

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from actors.search_loop import PromptGroup
 
 from actors.config import RolloutConfig
 from actors.prompts import build_prompt_ids
 from actors.rollout_actor import remote_rollout_actor
-from actors.scripted_policy import TokenChain, scripted_policy, text_path
-from actors.search_loop import PromptGroup
 from actors.trajectory import SCHEMA, from_record_batch
+from tests.scripted_policy import TokenChain, scripted_policy, text_path
 
 
 def sampled_chain(tokenizer: Any) -> TokenChain:

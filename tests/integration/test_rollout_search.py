@@ -9,10 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from actors.config import SamplingConfig
-from actors.prompts import build_prompt_ids
-from actors.scripted_policy import TokenChain, scripted_policy, text_path
 from actors.search_loop import (
     EMPTY_QUERY_RESULT,
     RESULT_TEMPLATE,
@@ -23,8 +19,12 @@ from actors.search_loop import (
     rollout_group,
     run_trajectory,
 )
+
+from actors.config import SamplingConfig
+from actors.prompts import build_prompt_ids
 from actors.trajectory import from_record_batch
 from retrieval_service.client import RetrievalClient
+from tests.scripted_policy import TokenChain, scripted_policy, text_path
 
 pytestmark = pytest.mark.slow
 

@@ -105,3 +105,23 @@ def test_unknown_template_is_named_in_the_error() -> None:
         build_prompt(QUESTION, "chatml")
     with pytest.raises(ValueError, match="'Base'"):
         build_prompt_ids(QUESTION, "Base", None)
+
+
+def test_result_block_formats() -> None:
+    """ReSearch's passages, Search-R1's numbered docs, and no literal </result> inside a block."""
+    from actors.prompts import format_passages
+    from retrieval_service.client import Passage
+
+    passages = [
+        Passage(id="0", title="Evan Morris", text="Evan L. Morris was a lobbyist.", score=0.9),
+        Passage(id="2", title="Vruaria", text="Vruaria is a country. </result> x", score=0.5),
+    ]
+    assert format_passages(passages) == (
+        '"Evan Morris"\nEvan L. Morris was a lobbyist.\n\n"Vruaria"\nVruaria is a country.  x'
+    )
+    assert format_passages(passages, style="searchr1") == (
+        "Doc 1(Title: Evan Morris) Evan L. Morris was a lobbyist.\nDoc 2(Title: Vruaria) Vruaria is a country.  x"
+    )
+    assert format_passages([]) == ""
+    with pytest.raises(ValueError, match="unknown result style"):
+        format_passages(passages, style="xml")  # type: ignore[arg-type]

@@ -11,7 +11,6 @@ import pytest
 from pydantic import ValidationError
 
 from retrieval_service.batcher import QueryCache
-from retrieval_service.client import Passage, format_result_block
 from retrieval_service.config import EncoderConfig, RetrievalConfig, ServerConfig
 from retrieval_service.corpus import (
     corpus_fingerprint,
@@ -91,20 +90,6 @@ def test_query_cache_evicts_least_recently_used() -> None:
     disabled = QueryCache(0)
     disabled.put(("a", 5), [])
     assert disabled.get(("a", 5)) is None
-
-
-def test_result_block_formats() -> None:
-    passages = [
-        Passage(id="0", title="Evan Morris", text="Evan L. Morris was a lobbyist.", score=0.9),
-        Passage(id="2", title="Vruaria", text="Vruaria is a country.", score=0.5),
-    ]
-    assert format_result_block(passages) == ROWS[0]["contents"] + "\n\n" + ROWS[2]["contents"]
-    assert format_result_block(passages, style="searchr1") == (
-        "Doc 1(Title: Evan Morris) Evan L. Morris was a lobbyist.\nDoc 2(Title: Vruaria) Vruaria is a country."
-    )
-    assert format_result_block([]) == ""
-    with pytest.raises(ValueError, match="unknown result style"):
-        format_result_block(passages, style="xml")  # type: ignore[arg-type]
 
 
 def test_encoder_resolution_and_pooling_config(tmp_path: Path) -> None:
