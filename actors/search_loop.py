@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from actors.config import SamplingConfig
 from actors.engine import GenerationResult
-from actors.reward import score_details, toy_low_token_ids_reward
+from actors.reward import reward_fn as lookup_reward_fn
 from actors.tags import RESULT_CLOSE, SEARCH_CLOSE, extract_search_query
 from actors.trajectory import Trajectory, to_record_batch
 
@@ -232,15 +232,8 @@ async def _search_loop(
 
 
 def score(trajectory: Trajectory, golden_answers: Sequence[str], reward_fn: str = "research") -> Trajectory:
-    """Fill the reward (paper Eq. 2, or the toy reward of end-to-end tests) and its parts."""
-    details = score_details(trajectory.response_text, list(golden_answers), finished=trajectory.finished)
-    trajectory.reward = float(details["reward"])
-    if reward_fn == "toy-low-token-ids":
-        trajectory.reward = toy_low_token_ids_reward(trajectory.response_ids, trajectory.loss_mask)
-    trajectory.format_valid = bool(details["format_valid"])
-    trajectory.f1 = float(details["f1"])
-    trajectory.em = float(details["em"])
-    trajectory.answer = details["answer"]
+    """Fill the reward and its parts with the registered reward function `reward_fn` (actors.reward.REWARD_FNS)."""
+    lookup_reward_fn(reward_fn)(trajectory, golden_answers)
     return trajectory
 
 
