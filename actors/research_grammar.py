@@ -19,6 +19,10 @@ space) anywhere, everything after the last `\\boxed ` up to the first `$`; other
 `\\boxed` are counted (no escapes) to the brace that closes the first one, and the span must read `\\boxed{...}`.
 Where that fails (unbalanced braces, `\\boxed` not followed by `{`) the reference raises and scores 0. No LaTeX
 wrapper is removed: `\\boxed{\\text{Paris}}` answers "\\text{Paris}", which normalises to "textparis".
+
+Not reproduced: the reference finds the response by splitting the decoded prompt + response on the template's
+assistant marker ("<|im_start|>assistant\\n", else "Assistant:") and keeping the second piece, so a response that
+itself contains the marker is cut there (and then fails its EOS check). Here the response text is given directly.
 """
 
 from __future__ import annotations
