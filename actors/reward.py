@@ -63,7 +63,8 @@ def research_verdict(response_text: str, golden_answers: Sequence[str] | str, fi
     if not finished:
         return verdict(0.0, "over length")
     if raw_answer is None:
-        # Only reached where the reference's own extraction raises (e.g. `\boxed{` with unbalanced braces).
+        # Only reached where the reference's own extraction raises (e.g. `\boxed{` with unbalanced braces); its reason
+        # also carries the exception's text, which has no counterpart here.
         return verdict(0.0, "find box error")
     if f1 > 0.0:
         return verdict(f1, f"correct answer, get f1 score: {f1}")
