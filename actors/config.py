@@ -54,10 +54,12 @@ class RolloutConfig(BaseModel):
         "instruct", description="ReSearch base-model template or instruct system prompt through the chat template."
     )
     group_size: int = Field(5, ge=1, description="GRPO samples per prompt (the paper: 5).")
-    reward_fn: Literal["research", "toy-low-token-ids"] = Field(
+    reward_fn: Literal["research", "research-strict", "toy-low-token-ids"] = Field(
         "research",
-        description="'research' = paper Eq. 2; 'toy-low-token-ids' = share of generated tokens with id < 512, a "
-        "signal a random tiny policy learns in a few steps (end-to-end tests of sign, masking and weight sync only).",
+        description="'research' = paper Eq. 2 with the reference implementation's format check; 'research-strict' = "
+        "Eq. 2 with this project's stricter grammar (tag order, tags inside <result> ignored, README); "
+        "'toy-low-token-ids' = share of generated tokens with id < 512, a signal a random tiny policy learns in a few "
+        "steps (end-to-end tests of sign, masking and weight sync only).",
     )
     max_prompt_tokens: int = Field(512, ge=8, description="Prompts longer than this are rejected at load time.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling during training.")

@@ -38,7 +38,7 @@ from actors.prompts import (
 from actors.tags import SEARCH_CLOSE, extract_search_query
 from actors.trajectory import Trajectory, to_record_batch
 
-Reward = Callable[[Trajectory, Sequence[str]], Trajectory]
+Reward = Callable[[Trajectory, Sequence[str]], None]
 """Fills a finished trajectory's reward and its parts (actors.reward.reward_fn picks one from the config)."""
 
 
@@ -55,7 +55,9 @@ async def rollout_group(
         run_trajectory(engine, search, question, sampling, group_index=index, policy_version=policy_version)
         for index in range(group_size)
     ))
-    return to_record_batch([reward(t, question.golden_answers) for t in trajectories])
+    for trajectory in trajectories:
+        reward(trajectory, question.golden_answers)
+    return to_record_batch(list(trajectories))
 
 
 async def run_trajectory(

@@ -1,4 +1,8 @@
-"""Tag parsing and the paper's reward (Eq. 2) on hand-written responses, including the awkward ones."""
+"""Tag parsing and the paper's reward (Eq. 2) on hand-written responses, including the awkward ones.
+
+The actors.tags parsers are the strict grammar ("research-strict"); the default reward follows the reference
+(actors.research_grammar), whose verdict on each format below is asserted beside the strict one.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.reward import FORMAT_REWARD, compute_score, score_details
+from actors import research_grammar
+from actors.reward import (
+    FORMAT_REWARD,
+    compute_score,
+    score_details,
+    strict_compute_score,
+    strict_score_details,
+)
 from actors.tags import (
     ALL_TAGS,
     extract_answer,
@@ -165,6 +176,30 @@ def test_invalid_formats(name: str) -> None:
     assert not is_valid_format(INVALID[name], finished=True)
 
 
+# The reference counts tags instead of reading their order, and counts them inside passages too: of the formats
+# above, these are the ones where its verdict differs from the strict grammar's.
+REFERENCE_REJECTS_STRICT_VALID = {"tags quoted in result"}
+REFERENCE_ACCEPTS_STRICT_INVALID = {
+    "answer inside think",
+    "nested think",
+    "close before open",
+    "search after answer",
+    "think after answer",
+    "stray search close",
+    "hallucinated result",
+    "stray result close",
+    "tag inside answer",
+}
+
+
+@pytest.mark.parametrize("name", sorted(VALID) + sorted(INVALID))
+def test_reference_format_verdicts(name: str) -> None:
+    response = VALID.get(name, INVALID.get(name, ""))
+    accepted = research_grammar.format_problem(response) is None
+    expected = (name in VALID) != (name in REFERENCE_REJECTS_STRICT_VALID | REFERENCE_ACCEPTS_STRICT_INVALID)
+    assert accepted == expected
+
+
 def test_truncated_response_is_invalid() -> None:
     assert is_valid_format(CORRECT, finished=True)
     assert not is_valid_format(CORRECT, finished=False)
@@ -196,9 +231,12 @@ def test_invalid_format_scores_zero_even_when_right() -> None:
     assert compute_score("<think>t</think><answer> AMLO </answer>", GOLDEN) == 0.0
 
 
-def test_text_wrapped_answer_scores_like_plain_text() -> None:
+def test_text_wrapped_answer_scores_like_plain_text_only_when_strict() -> None:
     response = "<think>t</think>" + answer_block("\\text{AMLO}")
-    assert compute_score(response, GOLDEN) == pytest.approx(1.0)
+    assert strict_compute_score(response, GOLDEN) == pytest.approx(1.0)
+    # The reference keeps the wrapper: "\\text{AMLO}" normalises to "textamlo", which shares no token with "amlo".
+    assert compute_score(response, GOLDEN) == FORMAT_REWARD
+    assert score_details(response, GOLDEN)["answer"] == "\\text{AMLO}"
 
 
 def test_yes_no_answers_match_exactly() -> None:
@@ -239,14 +277,15 @@ _RESPONSES = st.lists(_PIECES, max_size=40).map("".join)
 def test_compute_score_never_raises_and_stays_in_unit_interval(
     response: str, golden: list[str], finished: bool
 ) -> None:
-    reward = compute_score(response, golden, finished)
-    assert 0.0 <= reward <= 1.0
-    details = score_details(response, golden, finished)
-    assert details["reward"] == reward
-    if not details["format_valid"]:
-        assert reward == 0.0
-    else:
-        assert reward >= FORMAT_REWARD
+    for scorer, details_of in ((compute_score, score_details), (strict_compute_score, strict_score_details)):
+        reward = scorer(response, golden, finished)
+        assert 0.0 <= reward <= 1.0
+        details = details_of(response, golden, finished)
+        assert details["reward"] == reward
+        if not details["format_valid"]:
+            assert reward == 0.0
+        else:
+            assert reward >= FORMAT_REWARD
     extract_search_query(response)
     strip_results(response)
 
@@ -280,7 +319,8 @@ def test_well_formed_trajectories_parse_back(trajectory: tuple[str, dict[int, st
     assert extract_answer(response) == answer.strip()
     for end, query in queries.items():
         assert extract_search_query(response[:end]) == query.strip()
-    assert compute_score(response, [answer]) >= FORMAT_REWARD
+    # Passages here may quote tags, which the reference counts: only the strict grammar must accept them all.
+    assert strict_compute_score(response, [answer]) >= FORMAT_REWARD
 
 
 def test_toy_reward_counts_only_policy_tokens() -> None:
