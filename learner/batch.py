@@ -79,19 +79,21 @@ class TrainBatch:
         return TrainBatch(**moved)
 
 
-def collate(table: pa.Table, pad_token_id: int) -> TrainBatch:
-    """Pad prompt+response rows of trajectories (actors.trajectory columns plus `advantage`) into a TrainBatch."""
+def collate(table: pa.Table, pad_token_id: int, scoring_only: bool = False) -> TrainBatch:
+    """Pad prompt+response rows of trajectories (actors.trajectory columns plus `advantage`) into a TrainBatch;
+    `scoring_only` batches (logprobs, no update) need no `advantage` column."""
     if isinstance(table, list | tuple):
         table = pa.Table.from_batches(list(table))
     if table.num_rows == 0:
         raise ValueError("no trajectories to collate")
-    if "advantage" not in table.column_names:
+    if "advantage" not in table.column_names and not scoring_only:
         raise ValueError("trajectories need an `advantage` column (learner.advantages.with_advantages adds one)")
     prompts = table.column("prompt_ids").to_pylist()
     responses = table.column("response_ids").to_pylist()
     masks = table.column("loss_mask").to_pylist()
     behaviour = table.column("behaviour_logprobs").to_pylist()
-    advantages = torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32)
+    advantages = (torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32)
+                  if "advantage" in table.column_names else torch.zeros(table.num_rows))
     rewards = torch.tensor(table.column("reward").to_pylist(), dtype=torch.float32)
 
     rows = len(prompts)

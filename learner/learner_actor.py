@@ -56,7 +56,7 @@ class Learner:
         """Current-policy next-token logprobs of the batch as a (B, T-1) numpy array."""
         from learner.batch import collate
 
-        return self.engine.compute_logprobs(collate(trajectories, self.engine.pad_token_id)).numpy()
+        return self.engine.compute_logprobs(collate(trajectories, self.engine.pad_token_id, scoring_only=True)).numpy()
 
     def full_parameters(self) -> dict[str, Any] | None:
         """Rank 0: {name: numpy array} of the full weights (a collective under ZeRO-3); None elsewhere."""

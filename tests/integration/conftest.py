@@ -100,12 +100,13 @@ def actor(tiny_dir: Path, retrieval_url: str, run: Callable[..., Any]) -> Iterat
     """A RolloutActor (plain class, in this process) owning the session's one engine and a retrieval client."""
     from actors.config import EngineConfig, RolloutConfig
     from actors.rollout_actor import RolloutActor
+    from retrieval_service.config import RetrievalConfig
 
     config = RolloutConfig(
         group_size=4,
         engine=EngineConfig(max_model_len=ENGINE_MAX_MODEL_LEN, cpu_kvcache_gb=1.0, max_num_seqs=64),
     )
-    rollout = RolloutActor(str(tiny_dir), config, retrieval_urls=[retrieval_url])
+    rollout = RolloutActor(str(tiny_dir), config, RetrievalConfig(urls=[retrieval_url]))
     try:
         yield rollout
     finally:
@@ -117,9 +118,9 @@ def sender(actor: Any, loop_thread: LoopThread) -> Iterator[Any]:
     """The learner side of the weight group (rank 0 in this process), joined with the actor's engine."""
     from actors.weight_sync import WeightSender
 
-    weight_sender = WeightSender("127.0.0.1", 0, world_size=2, timeout_s=60)
+    weight_sender = WeightSender("127.0.0.1", world_size=2, timeout_s=60)
     joining = asyncio.run_coroutine_threadsafe(
-        actor.join_weight_group("127.0.0.1", weight_sender.port, 2, 1), loop_thread.loop
+        actor.join_weight_group(*weight_sender.address[:2], 2, 1, weight_sender.backend), loop_thread.loop
     )
     weight_sender.connect()
     assert joining.result(60) == [1]
@@ -131,11 +132,13 @@ def sender(actor: Any, loop_thread: LoopThread) -> Iterator[Any]:
 def load_policy(actor: Any, sender: Any, loop_thread: LoopThread) -> Callable[[Any, int], dict]:
     """load_policy(hf_model, version): push the model's parameters to the engine through the weight group."""
 
+    from actors.weight_sync import bucket_tensors, make_manifest
+
     def load(model: Any, version: int) -> dict:
         named = list(model.named_parameters())
-        manifest = sender.manifest(named, version)
-        receiving = asyncio.run_coroutine_threadsafe(actor.update_weights(manifest), loop_thread.loop)
-        sender.broadcast(named, manifest)
+        manifest = make_manifest(named, version, bucket_mb=256, backend=sender.backend)
+        receiving = asyncio.run_coroutine_threadsafe(actor.load_weights(manifest), loop_thread.loop)
+        sender.send(manifest, bucket_tensors(manifest, [t.detach() for _, t in named]))
         return receiving.result(60)
 
     return load

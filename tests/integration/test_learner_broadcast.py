@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import torch
 
 from actors.config import EngineConfig, SamplingConfig
 from actors.trajectory import Trajectory, to_record_batch
+from learner.advantages import with_advantages
 from learner.config import GRPOConfig, LearnerConfig
 from learner.learner_actor import LearnerGroup
 
@@ -24,14 +26,14 @@ PROMPT = [1, 320, 77, 501, 42, 9, 613, 250]
 NEW_TOKENS = 12
 
 
-def training_groups() -> list:
+def training_groups() -> pa.Table:
     """One fixed group whose rewards favour a response, so the update moves the weights visibly (lr 1e-2)."""
     generator = torch.Generator().manual_seed(3)
     trajectories = []
     for i in range(4):
         response = torch.randint(10, 1000, (8,), generator=generator).tolist()
         trajectories.append(Trajectory("p", i, 0, PROMPT, response, [1] * 8, [-6.9] * 8, reward=float(i == 0)))
-    return [to_record_batch(trajectories)]
+    return with_advantages([to_record_batch(trajectories)])
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +68,16 @@ def greedy(engine, loop):  # noqa: ANN001, ANN201
 
 
 def sync(group: LearnerGroup, engine, loop) -> dict:  # noqa: ANN001
-    """Join a fresh weight group (learner rank 0 + the engine's one worker) and run one sync."""
-    host, port = group.open_weight_group(world_size=2)
+    """The calls of RolloutPool.sync_weights with one bare engine: join a fresh weight group (learner rank 0 + the
+    engine's one worker), then manifest, send on every learner rank, load."""
+    host, port, backend = group.open_weight_group(world_size=2)
     joined = group.connect_weight_group()
-    ranks = loop.run_until_complete(engine.collective_rpc("research_join_weight_group", args=(host, port, 2, 1)))
+    ranks = loop.run_until_complete(engine.collective_rpc("research_join_weight_group",
+                                                          args=(host, port, 2, 1, backend)))
     ray.get(joined)
     assert ranks == [1]
-    manifest, sends = group.start_weight_sync()
+    manifest = group.weight_manifest()
+    sends = group.send_weights(manifest)
     loaded = loop.run_until_complete(engine.collective_rpc("research_load_weights", args=(manifest,)))
     sent = ray.get(sends)[0]
     loop.run_until_complete(engine.reset_prefix_cache())

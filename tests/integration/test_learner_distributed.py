@@ -12,37 +12,26 @@ elements whose gradient is itself ~1e-8, a 1e-10 summation difference in g moves
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
-from actors.trajectory import Trajectory, to_record_batch
+from learner.advantages import with_advantages
 from learner.batch import collate
 from learner.config import GRPOConfig, LearnerConfig
 from learner.engine import LearnerEngine
 from learner.learner_actor import LearnerGroup
+from tests.trajectories import random_groups
 
 pytestmark = pytest.mark.slow
 
 LR = 1e-3
 
 
-def trajectory_groups(n_groups: int = 2, group_size: int = 4, seed: int = 0) -> list:
-    """Fixed groups of random tokens with ragged lengths and a masked-out span per response."""
-    generator = torch.Generator().manual_seed(seed)
-    groups = []
-    for g in range(n_groups):
-        trajectories = []
-        for i in range(group_size):
-            prompt = torch.randint(10, 1000, (3 + (i + g) % 4,), generator=generator).tolist()
-            response = torch.randint(10, 1000, (6 + (3 * i + g) % 7,), generator=generator).tolist()
-            mask = [1] * len(response)
-            mask[2:4] = [0, 0]
-            logprobs = [-6.9 if m else 0.0 for m in mask]
-            trajectories.append(
-                Trajectory(f"p{g}", i, 0, prompt, response, mask, logprobs, reward=float((i * 7 + g) % 3) / 2)
-            )
-        groups.append(to_record_batch(trajectories))
-    return groups
+def trajectory_groups(seed: int = 0) -> pa.Table:
+    """9 trajectories (3 groups of 3) with advantages: an odd batch, as an epoch's last one can be, that 2 ranks
+    split only with a zero-weight padding row."""
+    return with_advantages(random_groups(n_groups=3, group_size=3, seed=seed))
 
 
 def learner_config(stage: int, world_size: int) -> LearnerConfig:
@@ -70,6 +59,7 @@ def assert_same_update(one_rank: dict, metrics: dict, group: LearnerGroup) -> No
     worst = max(float(np.abs(weights[name] - one_rank["weights"][name]).max()) for name in weights)
     assert worst <= 5e-2 * LR, worst
     logprobs = torch.tensor(np.array(group.compute_logprobs(trajectory_groups())))
+    assert metrics["padding_rows"] == (1.0 if len(group.actors) == 2 else 0.0)
     torch.testing.assert_close(logprobs, one_rank["logprobs"], atol=1e-5, rtol=1e-5)
 
 

@@ -9,35 +9,26 @@ import pytest
 import torch
 
 from actors.trajectory import Trajectory, to_record_batch
-from learner.batch import collate
+from learner.advantages import with_advantages
+from learner.batch import TrainBatch, collate
 from learner.checkpoint import export_hf
 from learner.config import GRPOConfig, LearnerConfig
-from learner.engine import LearnerEngine, token_logprobs
+from learner.engine import LearnerEngine
 from learner.grpo import policy_loss
+from learner.logprobs import token_logprobs
+from tests.trajectories import random_groups
 
 pytestmark = pytest.mark.slow
 
 
 def trajectory_groups(n_groups: int = 2, group_size: int = 4, seed: int = 0) -> list:
-    """Fixed trajectories of random tokens: ragged prompts and responses, a retrieved span masked out of each."""
-    generator = torch.Generator().manual_seed(seed)
+    """Fixed groups of random trajectories (tests/trajectories.py)."""
+    return random_groups(n_groups, group_size, seed)
 
-    def ints(low: int, high: int, count: int) -> list[int]:
-        return torch.randint(low, high, (count,), generator=generator).tolist()
 
-    groups = []
-    for g in range(n_groups):
-        trajectories = []
-        for i in range(group_size):
-            prompt, response = ints(10, 1000, 3 + (i + g) % 4), ints(10, 1000, 6 + (3 * i + g) % 7)
-            mask = [1] * len(response)
-            mask[2:4] = [0, 0]  # an inserted <result> span: in context, never in the loss
-            logprobs = [-6.9 if m else 0.0 for m in mask]
-            trajectories.append(
-                Trajectory(f"p{g}", i, 0, prompt, response, mask, logprobs, reward=float((i * 7 + g) % 3) / 2)
-            )
-        groups.append(to_record_batch(trajectories))
-    return groups
+def training_batch(groups: list, pad_token_id: int) -> TrainBatch:
+    """The groups collated for an update: GRPO advantages, then padded tensors."""
+    return collate(with_advantages(groups), pad_token_id)
 
 
 def with_behaviour_logprobs(groups: list, logprobs: torch.Tensor) -> list:
@@ -65,7 +56,7 @@ def learner(policy_path: str) -> LearnerEngine:
 
 def test_padded_and_unpadded_logprobs_agree(learner: LearnerEngine) -> None:
     groups = trajectory_groups()
-    batch = collate(groups, learner.pad_token_id)
+    batch = training_batch(groups, learner.pad_token_id)
     padded = learner.compute_logprobs(batch)
     assert (padded[batch.attention_mask[:, 1:] == 0] == 0).all()
     for row in range(batch.size):
@@ -79,7 +70,7 @@ def test_masked_tokens_get_exactly_zero_gradient(policy_path: str) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
-    batch = collate(trajectory_groups(), model.config.pad_token_id)
+    batch = training_batch(trajectory_groups(), model.config.pad_token_id)
     captured = {}
 
     def keep_logits(_module, _inputs, output):  # noqa: ANN001, ANN202 - a forward hook
@@ -104,7 +95,7 @@ def test_masked_tokens_get_exactly_zero_gradient(policy_path: str) -> None:
 def test_masked_out_tokens_do_not_change_the_update(policy_path: str) -> None:
     config = LearnerConfig(zero_stage=2, lr=1e-3, micro_batch_size=3, grpo=GRPOConfig(kl_coef=0.0))
     groups = trajectory_groups(seed=1)
-    batch = collate(groups, 0)
+    batch = training_batch(groups, 0)
     # Garbage behaviour logprobs where loss_mask is 0 (retrieved span, prompt and padding columns).
     garbage = batch.behaviour_logprobs.clone()
     garbage[batch.loss_mask == 0] = 5.0
@@ -118,11 +109,30 @@ def test_masked_out_tokens_do_not_change_the_update(policy_path: str) -> None:
         assert torch.equal(tensor, updates[1][name]), name
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_padding_rows_leave_loss_and_update_unchanged(policy_path: str, agg: str) -> None:
+    """An epoch's last batch need not split over ranks and mini-batches: the rows that pad it change nothing."""
+    config = LearnerConfig(zero_stage=2, lr=1e-3, micro_batch_size=2, grpo=GRPOConfig(kl_coef=0.0, agg=agg))
+    batch = training_batch(trajectory_groups(n_groups=1, group_size=5, seed=4), 0)
+    padded = batch.padded(4)
+    assert (padded.size, int(padded.real.sum()), float(padded.loss_mask[5:].sum())) == (8, 5, 0.0)
+    results = []
+    for variant in (batch, padded):
+        engine = LearnerEngine(config, policy_path)
+        metrics = engine.train_step(variant)
+        results.append((metrics, {name: tensor.clone() for name, tensor in engine.full_parameters()}))
+    (plain, plain_weights), (with_pad, pad_weights) = results
+    assert with_pad["loss"] == pytest.approx(plain["loss"], rel=1e-6, abs=1e-9)
+    assert with_pad["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-6)
+    for name, tensor in plain_weights.items():
+        torch.testing.assert_close(pad_weights[name], tensor, atol=1e-7, rtol=0)
+
+
 def test_loss_goes_down_on_a_fixed_batch(learner: LearnerEngine, policy_path: str, tmp_path) -> None:
     groups = trajectory_groups(seed=2)
     # On-policy behaviour logprobs, as a fresh rollout would bring them: the first ratio is exactly 1.
-    behaviour = learner.compute_logprobs(collate(groups, learner.pad_token_id))
-    batch = collate(with_behaviour_logprobs(groups, behaviour), learner.pad_token_id)
+    behaviour = learner.compute_logprobs(training_batch(groups, learner.pad_token_id))
+    batch = training_batch(with_behaviour_logprobs(groups, behaviour), learner.pad_token_id)
     history = [learner.train_step(batch) for _ in range(5)]
     losses = [m["loss"] for m in history]
     assert losses[-1] < losses[0] - 0.05, losses
@@ -151,7 +161,7 @@ def test_sampling_temperature_scores_and_recomputed_old_logprobs(policy_path: st
     config = LearnerConfig(zero_stage=2, lr=1e-3, micro_batch_size=3, mini_batches=2, grpo=grpo)
     engine = LearnerEngine(config, policy_path)
     # Behaviour logprobs of this batch are a constant -6.9, far from the policy: only recomputing makes ratio 1.
-    batch = collate(trajectory_groups(seed=3), engine.pad_token_id)
+    batch = training_batch(trajectory_groups(seed=3), engine.pad_token_id)
 
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     with torch.no_grad():
@@ -174,7 +184,7 @@ def test_sampling_temperature_scores_and_recomputed_old_logprobs(policy_path: st
 def test_zero3_builds_the_model_partitioned_and_only_inside_the_block(policy_path: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    from learner.engine import deepspeed_config, init_distributed, partitioned_loading
+    from learner.distributed import deepspeed_config, init_distributed, partitioned_loading
 
     init_distributed()
     with partitioned_loading(deepspeed_config(LearnerConfig(zero_stage=3))):

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from actors.search_loop import PromptGroup
 
 from actors.config import RolloutConfig
-from actors.prompts import build_prompt_ids
+from actors.prompts import Question, build_prompt_ids
 from actors.rollout_actor import remote_rollout_actor
 from actors.trajectory import SCHEMA, from_record_batch
 from tests.scripted_policy import TokenChain, scripted_policy, text_path
@@ -40,7 +39,7 @@ def test_groups_come_back_scored_stamped_and_counted(
     load_policy(scripted_policy(tiny_dir, sampled_chain(tokenizer)), 201)
     actor.metrics(reset=True)
     groups = [
-        PromptGroup(q["id"], build_prompt_ids(q["question"], "instruct", tokenizer), q["golden_answers"])
+        Question(q["id"], build_prompt_ids(q["question"], "instruct", tokenizer), q["golden_answers"])
         for q in dev_questions[:3]
     ]
     batches = run(actor.generate_groups(groups))
@@ -52,10 +51,7 @@ def test_groups_come_back_scored_stamped_and_counted(
         assert {t.policy_version for t in trajectories} == {201}
         assert all(t.prompt_ids == group.prompt_ids for t in trajectories)
 
-    async def stream() -> list[Any]:
-        return [batch async for batch in actor.stream_groups(groups[:2], policy_version=7)]
-
-    streamed = run(stream())
+    streamed = run(actor.generate_groups(groups[:2], policy_version=7))
     assert sorted(b.column("prompt_id")[0].as_py() for b in streamed) == sorted(g.prompt_id for g in groups[:2])
     assert all(set(b.column("policy_version").to_pylist()) == {7} for b in streamed)
 
@@ -81,7 +77,8 @@ def test_driver_call_overrides_sampling_and_group_size(actor: Any, load_policy: 
     tokenizer = actor.engine.tokenizer
     load_policy(scripted_policy(tiny_dir, sampled_chain(tokenizer)), 202)
     prompt_ids = build_prompt_ids("Who founded Varen?", "instruct", tokenizer)
-    batch = run(actor.generate_group("p", prompt_ids, ["Paris"], 5, sampling={"temperature": 0.0}, group_size=3))
+    batch = run(actor.generate_group(Question("p", prompt_ids, ["Paris"]), 5, sampling={"temperature": 0.0},
+                                     group_size=3))
     trajectories = from_record_batch(batch)
     assert len(trajectories) == 3 and {t.policy_version for t in trajectories} == {5}
     assert len({tuple(t.response_ids) for t in trajectories}) == 1  # greedy: three identical samples

@@ -15,7 +15,7 @@ import torch
 
 from actors.config import SamplingConfig
 from actors.prompts import build_prompt_ids
-from actors.weight_sync import WeightSender, _gloo_group, make_manifest, unpack_buckets
+from actors.weight_sync import WeightSender, _Group, bucket_tensors, make_manifest, unpack_bucket
 
 LOGPROB_TOLERANCE = 1e-3
 QUESTIONS = ["Who founded the city of Varen?", "Where was the director born?", "What river flows through it?"]
@@ -66,7 +66,7 @@ def test_manifest_buckets_split_by_dtype_and_size() -> None:
         ("e", torch.zeros(2, 3, dtype=torch.bfloat16)),
         ("f", torch.zeros(5)),
     ]
-    manifest = make_manifest(named, policy_version=3, bucket_mb=1 / 1024)
+    manifest = make_manifest(named, policy_version=3, bucket_mb=1 / 1024, backend="gloo")
     assert manifest["policy_version"] == 3
     assert [t[:2] for t in manifest["tensors"]] == [[n, str(t.dtype).removeprefix("torch.")] for n, t in named]
     assert manifest["buckets"] == [
@@ -82,31 +82,27 @@ def test_wire_format_round_trip_over_a_standalone_gloo_group() -> None:
         ("w2", torch.randn(8, 8, generator=generator).to(torch.bfloat16)),
         ("w3", torch.randn(3, 5, 7, generator=generator)),
     ]
-    sender = WeightSender("127.0.0.1", 0, world_size=2, bucket_mb=4 / 1024, timeout_s=30)
-    manifest = sender.manifest(named, policy_version=9)
+    sender = WeightSender("127.0.0.1", world_size=2, timeout_s=30)
+    manifest = make_manifest(named, 9, bucket_mb=4 / 1024, backend=sender.backend)
     assert len(manifest["buckets"]) >= 3
     received: dict[str, torch.Tensor] = {}
 
-    def receiver() -> None:
+    def receiver() -> None:  # what WeightReceiver.research_load_weights does, minus vLLM's loader
         store = torch.distributed.TCPStore("127.0.0.1", sender.port, 2, is_master=False)
-        group = _gloo_group(store, 1, 2, "127.0.0.1", 30)
-
-        def receive(numel: int, dtype: torch.dtype) -> torch.Tensor:
-            flat = torch.empty(numel, dtype=dtype)
-            options = torch.distributed.BroadcastOptions()
-            options.rootRank = 0
-            group.broadcast([flat], options).wait()
-            return flat
-
-        for name, tensor in unpack_buckets(manifest, receive):
-            received[name] = tensor.clone()
+        group = _Group(store, 1, 2, "127.0.0.1", "gloo", torch.device("cpu"), 30)
+        for index, (_, _, dtype, numel) in enumerate(manifest["buckets"]):
+            flat = torch.empty(numel, dtype=getattr(torch, dtype))
+            group.broadcast(flat).wait()
+            for name, tensor in unpack_bucket(manifest, index, flat):
+                received[name] = tensor.clone()
 
     thread = threading.Thread(target=receiver)
     thread.start()
     sender.connect()
-    sender.broadcast(named, manifest)
+    sent = sender.send(manifest, bucket_tensors(manifest, [t for _, t in named]))
     thread.join(30)
     sender.close()
+    assert sent["buckets"] == len(manifest["buckets"])
     assert list(received) == [name for name, _ in named]
     for name, tensor in named:
         assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor), name

@@ -9,19 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from actors.search_loop import (
+
+from actors.config import SamplingConfig
+from actors.prompts import (
     EMPTY_QUERY_RESULT,
     RESULT_TEMPLATE,
     RETRIEVAL_ERROR_RESULT,
-    PromptGroup,
-    SearchSettings,
-    result_text,
-    rollout_group,
-    run_trajectory,
+    Question,
+    build_prompt_ids,
+    format_passages,
 )
-
-from actors.config import SamplingConfig
-from actors.prompts import build_prompt_ids
+from actors.reward import reward_fn
+from actors.rollout import SearchTool, rollout_group, run_trajectory
 from actors.trajectory import from_record_batch
 from retrieval_service.client import RetrievalClient
 from tests.scripted_policy import TokenChain, scripted_policy, text_path
@@ -29,7 +28,8 @@ from tests.scripted_policy import TokenChain, scripted_policy, text_path
 pytestmark = pytest.mark.slow
 
 QUERY = " born river"
-SETTINGS = SearchSettings(topk=1)
+TOPK = 1
+REWARD = reward_fn("research")
 GREEDY = SamplingConfig(temperature=0.0, max_turns=8, max_response_tokens=1500)
 
 
@@ -73,6 +73,16 @@ def prompt(tokenizer: Any, question: str = "Where was the founder of Varen born?
     return build_prompt_ids(question, "instruct", tokenizer)
 
 
+def question(tokenizer: Any, prompt_id: str = "q", answers: tuple[str, ...] = ("Paris",)) -> Question:
+    """The default question, as the driver hands it to an actor."""
+    return Question(prompt_id, prompt(tokenizer), list(answers))
+
+
+def search(backend: Any) -> SearchTool:
+    """The search tool the loop calls, over `backend`."""
+    return SearchTool(backend, topk=TOPK)
+
+
 def block_ids(tokenizer: Any, text: str) -> list[int]:
     """Tokens of one inserted result block around `text`."""
     return tokenizer.encode(RESULT_TEMPLATE.format(text), add_special_tokens=False)
@@ -81,9 +91,9 @@ def block_ids(tokenizer: Any, text: str) -> list[int]:
 @pytest.fixture(scope="module")
 def passages_text(actor: Any, run: Any) -> str:
     """What the service answers for QUERY, as the text inside <result>."""
-    (passages,) = run(actor.client.search([QUERY.strip()], SETTINGS.topk))
+    (passages,) = run(actor.client.search([QUERY.strip()], TOPK))
     assert passages
-    return result_text(passages, SETTINGS.result_style)
+    return format_passages(passages)
 
 
 def test_forced_searches_insert_each_result_and_mask_exactly_those_tokens(
@@ -92,12 +102,13 @@ def test_forced_searches_insert_each_result_and_mask_exactly_those_tokens(
     tokenizer = actor.engine.tokenizer
     load_policy(scripted_policy(tiny_dir, search_forever(tokenizer)), 101)
     sampling = GREEDY.model_copy(update={"max_turns": 4})
-    t = run(run_trajectory(actor.engine, actor.client, prompt(tokenizer), sampling, SETTINGS))
+    t = run(run_trajectory(actor.engine, search(actor.client), question(tokenizer), sampling))
 
     segment, block = search_segment(tokenizer), block_ids(tokenizer, passages_text)
     assert t.response_ids == (segment + block) * 3 + segment
     assert t.loss_mask == ([1] * len(segment) + [0] * len(block)) * 3 + [1] * len(segment)
-    assert (t.num_turns, t.num_searches, t.retrieval_errors) == (4, 4, 0)
+    # The search of the last allowed turn is neither run nor counted.
+    assert (t.num_turns, t.num_searches, t.retrieval_errors) == (4, 3, 0)
     assert (t.end_reason, t.finished, t.truncated) == ("max_turns", False, False)
     assert t.generated_tokens == sum(t.loss_mask) == 4 * len(segment)
     assert t.inserted_tokens == len(t.response_ids) - sum(t.loss_mask) == 3 * len(block)
@@ -112,8 +123,8 @@ def test_search_then_answer_is_finished_scored_and_round_trips_through_arrow(
 ) -> None:
     tokenizer = actor.engine.tokenizer
     load_policy(scripted_policy(tiny_dir, search_then_answer(tokenizer)), 102)
-    group = PromptGroup("q-1", prompt(tokenizer), ["Paris", "City of Light"])
-    batch = run(rollout_group(actor.engine, actor.client, group, 3, GREEDY, SETTINGS, policy_version=102))
+    group = question(tokenizer, "q-1", ("Paris", "City of Light"))
+    batch = run(rollout_group(actor.engine, search(actor.client), group, 3, GREEDY, REWARD, policy_version=102))
     trajectories = from_record_batch(batch)
     assert [t.group_index for t in trajectories] == [0, 1, 2]
     think = text_path(tokenizer, "<think>", " I need the city", "</think>")
@@ -134,12 +145,12 @@ def test_budget_cuts_the_inserted_block_and_marks_truncation(
     load_policy(scripted_policy(tiny_dir, search_forever(tokenizer)), 103)
     segment, block = search_segment(tokenizer), block_ids(tokenizer, passages_text)
     cut = GREEDY.model_copy(update={"max_response_tokens": len(segment) + 5})
-    t = run(run_trajectory(actor.engine, actor.client, prompt(tokenizer), cut, SETTINGS))
+    t = run(run_trajectory(actor.engine, search(actor.client), question(tokenizer), cut))
     assert t.response_ids == segment + block[:5] and t.loss_mask == [1] * len(segment) + [0] * 5
     assert (t.end_reason, t.truncated, t.finished, t.num_searches) == ("length", True, False, 1)
 
     short = GREEDY.model_copy(update={"max_response_tokens": 2})
-    t = run(run_trajectory(actor.engine, actor.client, prompt(tokenizer), short, SETTINGS))
+    t = run(run_trajectory(actor.engine, search(actor.client), question(tokenizer), short))
     assert t.response_ids == segment[:2] and (t.end_reason, t.truncated, t.num_searches) == ("length", True, 0)
 
 
@@ -151,12 +162,12 @@ def test_retrieval_down_inserts_an_error_result_and_counts_it(
     dead = RetrievalClient(["http://127.0.0.1:9"], timeout=2.0, retries=1, backoff=0.01)
     try:
         sampling = GREEDY.model_copy(update={"max_turns": 3})
-        t = run(run_trajectory(actor.engine, dead, prompt(tokenizer), sampling, SETTINGS))
+        t = run(run_trajectory(actor.engine, search(dead), question(tokenizer), sampling))
     finally:
         run(dead.aclose())
     segment, block = search_segment(tokenizer), block_ids(tokenizer, RETRIEVAL_ERROR_RESULT)
     assert t.response_ids == (segment + block) * 2 + segment
-    assert (t.retrieval_errors, t.num_searches, t.end_reason) == (2, 3, "max_turns")
+    assert (t.retrieval_errors, t.num_searches, t.end_reason) == (2, 2, "max_turns")
 
 
 def test_malformed_outputs_are_scored_never_raised(
@@ -171,8 +182,8 @@ def test_malformed_outputs_are_scored_never_raised(
         .path([result_close, *text_path(tokenizer, "<answer>", " Paris"), eos])
     )
     load_policy(scripted_policy(tiny_dir, chain), 105)
-    group = PromptGroup("bad", prompt(tokenizer), ["Paris"])
-    (t,) = from_record_batch(run(rollout_group(actor.engine, actor.client, group, 1, GREEDY, SETTINGS)))
+    group = question(tokenizer, "bad")
+    (t,) = from_record_batch(run(rollout_group(actor.engine, search(actor.client), group, 1, GREEDY, REWARD)))
     assert EMPTY_QUERY_RESULT in t.response_text and t.num_searches == 1 and t.retrieval_errors == 0
     assert (t.finished, t.format_valid, t.reward) == (True, False, 0.0)
 
@@ -181,7 +192,7 @@ def test_malformed_outputs_are_scored_never_raised(
 
     load_policy(AutoModelForCausalLM.from_pretrained(tiny_dir), 106)
     sampling = SamplingConfig(temperature=1.0, seed=3, max_turns=3, max_response_tokens=64)
-    batch = run(rollout_group(actor.engine, actor.client, group, 4, sampling, SETTINGS))
+    batch = run(rollout_group(actor.engine, search(actor.client), group, 4, sampling, REWARD))
     for t in from_record_batch(batch):
         assert t.end_reason in {"eos", "length", "max_turns"} and len(t.response_ids) <= 64
         assert t.reward == 0.0 and t.truncated == (t.end_reason == "length")
@@ -206,14 +217,13 @@ def test_sampled_policy_varies_searches_and_logprobs_are_the_chain_probabilities
     )
     load_policy(scripted_policy(tiny_dir, chain), 107)
     sampling = SamplingConfig(temperature=1.0, seed=11, max_turns=6, max_response_tokens=1500)
-    group = PromptGroup("sampled", prompt(tokenizer), ["Paris"])
-    trajectories = from_record_batch(run(rollout_group(actor.engine, actor.client, group, 8, sampling, SETTINGS)))
+    group = question(tokenizer, "sampled")
+    trajectories = from_record_batch(run(rollout_group(actor.engine, search(actor.client), group, 8, sampling, REWARD)))
     allowed = [0.0, *(math.log(p) for p in (0.75, 0.25, 0.6, 0.4, 1 / 3))]
     for t in trajectories:
         generated = [lp for lp, m in zip(t.behaviour_logprobs, t.loss_mask, strict=True) if m == 1]
         assert all(min(abs(lp - a) for a in allowed) < 1e-4 for lp in generated)
-        executed = t.num_searches - (t.end_reason == "max_turns" and t.response_text.rstrip().endswith("</search>"))
-        assert t.response_text.count("<result>") == executed
+        assert t.response_text.count("<result>") == t.num_searches  # a search at the turn cap is not counted
         assert t.generated_tokens == sum(t.loss_mask) and len(t.response_ids) == t.generated_tokens + t.inserted_tokens
         if t.finished:
             assert t.format_valid and t.reward == pytest.approx(1.0)
