@@ -7,7 +7,7 @@ import difflib
 import importlib
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 # subcommand -> (module, function, one-line help). Modules are imported lazily: `research world` must not pay
@@ -41,6 +41,11 @@ class CommandParser(argparse.ArgumentParser):
             epilog = sections_help()
         super().__init__(prog=prog, description=textwrap.fill(description, 100), epilog=epilog,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """Options and positionals in any order: `CONFIG --resume key=value` works too."""
+        return self.parse_intermixed_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         """Print `prog: error: message` as one line and exit 2 (argparse would print the whole usage first)."""
