@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "models": ("cluster.cli", "models_main", "prepare the offline policies (SmolLM2 conversion, tiny test policy)"),
     "config": ("cluster.cli", "config_main", "print a resolved config (preset + key=value overrides); --explain: every key"),
     "demo": ("cluster.demo", "main", "run the whole pipeline on this machine"),
-    "train": ("cluster.train", "main", "train (the job `ray job submit` runs): CONFIG [key=value ...] [--resume]"),
+    "train": ("cluster.train", "main", "train a policy (the job ray job submit runs): CONFIG [key=value ...] [--resume]"),
     "eval": ("cluster.eval", "main", "evaluate a policy on benchmark files: CONFIG --data FILE --out DIR"),
     "data": ("qa.prepare", "main", "prepare data: musique-train, val (100 MuSiQue dev), eval sets"),
     "scale": ("cluster.cli", "scale_main", "change the number of rollout actors of a running job: RUN_DIR N"),
@@ -49,7 +49,7 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """Print `prog: error: message` as one line and exit 2 (argparse would print the whole usage first)."""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def fail(prog: str, message: object) -> int:

@@ -250,10 +250,15 @@ _BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"), (a
 
 
 def field_type(field: FieldInfo) -> str:
-    """The type of a field with its bounds, e.g. 'float > 0, <= 1'."""
+    """The type of a field with its bounds, e.g. 'float > 0, <= 1' or 'int >= 1 | None'."""
     bounds = [f"{symbol} {getattr(item, attribute)}" for item in field.metadata
               for kind, attribute, symbol in _BOUNDS if isinstance(item, kind)]
-    return _type_name(field.annotation) + (" " + ", ".join(bounds) if bounds else "")
+    options = [field.annotation]
+    if typing.get_origin(field.annotation) in (typing.Union, types.UnionType):
+        options = list(typing.get_args(field.annotation))
+    name = " | ".join(_type_name(arg) for arg in options if arg is not type(None))
+    optional = type(None) in options
+    return name + (" " + ", ".join(bounds) if bounds else "") + (" | None" if optional else "")
 
 
 def _first_line(model: type[BaseModel]) -> str:
