@@ -320,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not (run_dir / "checkpoints").is_dir():
         return fail(parser.prog, f"--resume needs checkpoints under {run_dir}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    connect_ray(args.address)
+    try:
+        connect_ray(args.address)
+    except ConnectionError as error:  # no Ray cluster at --address / $RAY_ADDRESS
+        return fail(parser.prog, error)
     trainer = Trainer(config, run_dir, args.resume)
     try:
         summary = asyncio.run(trainer.run())

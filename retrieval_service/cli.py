@@ -49,7 +49,7 @@ class ConfigFlags:
             self.flags[(section, name)] = flag
             kwargs = _argparse_kwargs(field.annotation, flag)
             shown = "required" if name in required else f"default: {defaults.get(name, field.get_default())}"
-            help_ = f"{field.description} ({shown})".replace("%", "%%")
+            help_ = f"{field.description} ({shown})".replace("%", "%%").replace("`", "")  # plain text, not markdown
             group.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, required=name in required,
                                help=help_, **kwargs)
 
