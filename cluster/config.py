@@ -263,24 +263,24 @@ def field_type(field: FieldInfo) -> str:
 
 def _first_line(model: type[BaseModel]) -> str:
     """The first line of a model's docstring."""
-    return (model.__doc__ or "").strip().splitlines()[0]
+    return next(iter((model.__doc__ or "").strip().splitlines()), "")
 
 
 def explain_config(config: BaseModel, prefix: str = "") -> str:
     """Every field of a config as 'dotted.key = value  (type; default ...)' plus its description, by section."""
     lines: list[str] = []
-    sections: list[tuple[str, FieldInfo, BaseModel]] = []
+    sections: list[tuple[str, BaseModel]] = []
     for name, field in type(config).model_fields.items():
         value = getattr(config, name)
         if isinstance(value, BaseModel):
-            sections.append((name, field, value))
+            sections.append((name, value))
             continue
         shown = json.dumps(_json_safe(value))
         default = field.get_default(call_default_factory=True)
         note = field_type(field) + ("" if value == default else f"; default {json.dumps(_json_safe(default))}")
         lines.append(f"{prefix}{name} = {shown}  ({note})")
         lines += textwrap.wrap(field.description or "", width=100, initial_indent="    ", subsequent_indent="    ")
-    for name, _, value in sections:
+    for name, value in sections:
         lines.append("")
         lines.append(f"[{prefix}{name}] {_first_line(type(value))}")
         lines.append(explain_config(value, f"{prefix}{name}."))
