@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
+import json
+import textwrap
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
+import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from actors.config import RolloutConfig
 from learner.config import LearnerConfig
@@ -97,6 +104,34 @@ class JobConfig(BaseModel):
         return Path("runs") / f"{self.name}-{stamp}"
 
 
+def _section_model(field: FieldInfo) -> type[BaseModel] | None:
+    """The pydantic model a field holds when it is a config section, else None."""
+    annotation = field.annotation
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def config_keys(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a config model, sections and values, in definition order."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        section = _section_model(field)
+        if section is not None:
+            keys += config_keys(section, f"{prefix}{name}.")
+    return keys
+
+
+def suggest_key(dotted: str) -> str:
+    """' (did you mean 'x'?)' for an unknown dotted key when a known one is close (difflib), else ''."""
+    keys = config_keys()
+    guesses = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+    leaf = dotted.rsplit(".", 1)[-1]
+    guesses += [key for key in keys if key.rsplit(".", 1)[-1] == leaf and key not in guesses]
+    if not guesses:
+        return ""
+    return " (did you mean " + " or ".join(f"'{key}'" for key in guesses[:3]) + "?)"
+
+
 def _set_dotted(tree: dict[str, Any], model: type[BaseModel], dotted: str, value: Any) -> None:
     """Set tree[a][b][c] = value for 'a.b.c', refusing keys the models do not define."""
     parts = dotted.split(".")
@@ -104,13 +139,13 @@ def _set_dotted(tree: dict[str, Any], model: type[BaseModel], dotted: str, value
     for depth, part in enumerate(parts):
         fields = current.model_fields if current is not None else None
         if fields is not None and part not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown config key '{'.'.join(parts[: depth + 1])}' (known here: {known})")
+            key = ".".join(parts[: depth + 1])
+            hint = suggest_key(key) or f" (known here: {', '.join(sorted(fields))})"
+            raise ConfigError(f"unknown config key '{key}'{hint}")
         if depth == len(parts) - 1:
             node[part] = value
             return
-        annotation = fields[part].annotation if fields is not None else None
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        current = _section_model(fields[part]) if fields is not None else None
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is a value, not a section")
@@ -128,7 +163,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML ({err})") from err
+        raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML ({' '.join(str(err).split())})") from None
     return key, value
 
 
@@ -138,7 +173,7 @@ def _format_validation_error(err: ValidationError) -> str:
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"])
         if problem["type"] == "extra_forbidden":
-            lines.append(f"unknown config key '{key}'")
+            lines.append(f"unknown config key '{key}'{suggest_key(key)}")
         else:
             lines.append(f"config key '{key}': {problem['msg']} (got {problem.get('input')!r})")
     return "; ".join(lines)
@@ -159,8 +194,13 @@ def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a YAML preset (a path, or a name under configs/) and apply `key=value` overrides."""
     path = resolve_preset(path)
-    with open(path, encoding="utf-8") as handle:
-        tree = yaml.safe_load(handle) or {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            tree = yaml.safe_load(handle) or {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(tree).__name__}")
     tree.setdefault("name", path.stem)
@@ -180,3 +220,91 @@ def resolve_preset(path: str | Path) -> Path:
         if preset.is_file():
             return preset
     raise ConfigError(f"config file not found: {path} (presets: {', '.join(sorted(p.stem for p in CONFIGS_DIR.glob('*.yaml')))})")
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as a user reads it: 'int', 'float | None', 'one of: k1, k3', 'list[str]'."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of: " + ", ".join(str(value) for value in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+_BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"), (annotated_types.Le, "le", "<="),
+           (annotated_types.Lt, "lt", "<"))
+
+
+def field_type(field: FieldInfo) -> str:
+    """The type of a field with its bounds, e.g. 'float > 0, <= 1' or 'int >= 1 | None'."""
+    bounds = [f"{symbol} {getattr(item, attribute)}" for item in field.metadata
+              for kind, attribute, symbol in _BOUNDS if isinstance(item, kind)]
+    options = [field.annotation]
+    if typing.get_origin(field.annotation) in (typing.Union, types.UnionType):
+        options = list(typing.get_args(field.annotation))
+    name = " | ".join(_type_name(arg) for arg in options if arg is not type(None))
+    optional = type(None) in options
+    return name + (" " + ", ".join(bounds) if bounds else "") + (" | None" if optional else "")
+
+
+def _first_line(model: type[BaseModel]) -> str:
+    """The first line of a model's docstring."""
+    return next(iter((model.__doc__ or "").strip().splitlines()), "")
+
+
+def explain_config(config: BaseModel, prefix: str = "") -> str:
+    """Every field of a config as 'dotted.key = value  (type; default ...)' plus its description, by section."""
+    lines: list[str] = []
+    sections: list[tuple[str, BaseModel]] = []
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            sections.append((name, value))
+            continue
+        shown = json.dumps(_json_safe(value))
+        default = field.get_default(call_default_factory=True)
+        note = field_type(field) + ("" if value == default else f"; default {json.dumps(_json_safe(default))}")
+        lines.append(f"{prefix}{name} = {shown}  ({note})")
+        lines += textwrap.wrap(field.description or "", width=100, initial_indent="    ", subsequent_indent="    ")
+    for name, value in sections:
+        lines.append("")
+        lines.append(f"[{prefix}{name}] {_first_line(type(value))}")
+        lines.append(explain_config(value, f"{prefix}{name}."))
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    """A field value as JSON sees it (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def sections_help() -> str:
+    """The config sections with their one-line descriptions, for the --help of commands that take a config."""
+    top = [name for name, field in JobConfig.model_fields.items() if _section_model(field) is None]
+    rows = [(", ".join(top), "top-level values")]
+    rows += [(name, _first_line(section)) for name, field in JobConfig.model_fields.items()
+             if (section := _section_model(field)) is not None]
+    width = max(len(name) for name, _ in rows)
+    presets = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    return "\n".join([
+        "configuration: a preset or YAML file, then dotted key=value overrides (e.g. learner.lr=5e-7); sections:",
+        *(f"  {name:<{width}}  {text}" for name, text in rows),
+        f"presets: {presets}",
+        "every key with its description, type and value: research config PRESET --explain",
+    ])
+
+
+def check_paths(config: JobConfig, data: bool = True) -> None:
+    """Refuse, before anything starts, local paths the config names that do not exist (data files, index_dir)."""
+    paths = [("data.train_files", f) for f in config.data.train_files] if data else []
+    paths += [("data.val_files", f) for f in config.data.val_files] if data else []
+    for key, path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"config key '{key}': no such file {path}")
+    if config.retrieval.index_dir and not Path(config.retrieval.index_dir).is_dir():
+        raise ConfigError(f"config key 'retrieval.index_dir': no such directory {config.retrieval.index_dir}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -20,18 +19,23 @@ def tensorboard_command(run_dir: str | Path, host: str = "127.0.0.1", port: int 
 
 def main(argv: list[str] | None = None) -> int:
     """Serve TensorBoard on a run until interrupted."""
-    parser = argparse.ArgumentParser(prog="research dashboard", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a run directory written by `research train`")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=6006)
+    from cluster.cli import CommandParser, fail
+
+    parser = CommandParser("research dashboard", "Serve TensorBoard over a run's scalars, bound to 127.0.0.1 unless "
+                           "told otherwise; runs until interrupted.")
+    parser.add_argument("run_dir", help="a run directory written by research train")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=6006, help="TCP port (default: 6006)")
     args = parser.parse_args(argv)
     if not Path(args.run_dir).is_dir():
-        print(f"research dashboard: no such run directory {args.run_dir}", file=sys.stderr)
-        return 2
+        return fail(parser.prog, f"no such run directory {args.run_dir}")
     command = tensorboard_command(args.run_dir, args.host, args.port)
     print(f"TensorBoard on http://{args.host}:{args.port} ({' '.join(command)})", flush=True)
     # Become TensorBoard (no child left behind): whoever stops this PID stops the server.
-    os.execv(command[0], command)
+    try:
+        os.execv(command[0], command)
+    except OSError as error:
+        return fail(parser.prog, f"cannot start {command[0]}: {error}")
     return 0  # not reached
 
 

@@ -7,7 +7,6 @@ policy are cached under $RESEARCH_CACHE, so a second demo starts training within
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -24,12 +23,21 @@ console = Console()
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo stages and print what each did."""
-    parser = argparse.ArgumentParser(prog="research demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="demo-cpu", help="preset name or YAML file")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    from cluster.cli import CommandParser, fail
+    from cluster.config import ConfigError, check_paths
+
+    parser = CommandParser("research demo", "Run the whole method on this machine: synthetic world, faiss index, "
+                           "retrieval service, a few GRPO steps on SmolLM2-135M-Instruct with greedy validation "
+                           "before and after, then a summary, curves and the dashboard command.", config_help=True)
+    parser.add_argument("--config", default="demo-cpu", help="preset name or YAML file (default: demo-cpu)")
+    parser.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides, e.g. trainer.max_steps=1")
     args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        check_paths(config)
+    except ConfigError as error:
+        return fail(parser.prog, error)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # the driver's step lines
-    config = load_config(args.config, args.overrides)
     run_dir = config.resolved_run_dir()
     timings: dict[str, float] = {}
 

@@ -353,47 +353,56 @@ async def evaluate(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="research eval", description=__doc__.splitlines()[0])
+    """The argument parser of `research eval`."""
+    from cluster.cli import CommandParser, non_negative_int, positive_int
+
+    parser = CommandParser("research eval", "Evaluate a policy on benchmark files: greedy search rollouts scored by "
+                           "EM/F1 and, optionally, an LLM judge; rerun with the same --out to resume.",
+                           config_help=True)
     parser.add_argument("config", help="the training config (YAML file or preset name)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config")
+    parser.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides of the config, e.g. retrieval.topk=3")
     parser.add_argument("--data", action="append", required=True,
                         help="benchmark file in any format qa/ reads, or NAME=FILE; repeatable")
     parser.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
     parser.add_argument("--model", default=None,
                         help="checkpoint export or HF model to evaluate (default: the config's policy)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each file")
-    parser.add_argument("--actors", type=int, default=0,
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="evaluate only the first N questions of each file")
+    parser.add_argument("--actors", type=non_negative_int, default=0,
                         help="rollout actors on Ray to fan the questions out over (0 = one engine in this process)")
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join with --actors (default: $RAY_ADDRESS, the job's cluster, or a local one)")
-    parser.add_argument("--concurrency", type=int, default=None,
+    parser.add_argument("--concurrency", type=positive_int, default=None,
                         help="questions in flight at once (default: the engine's max_num_seqs per actor)")
     parser.add_argument("--restart", action="store_true", help="discard records of a different earlier eval")
     judge = parser.add_argument_group("LLM-as-a-Judge (any OpenAI-compatible chat endpoint)")
     judge.add_argument("--judge-url", default=None, help="base URL with version prefix, e.g. http://127.0.0.1:8001/v1")
     judge.add_argument("--judge-model", default=None, help="model the judge endpoint serves (the paper: gpt-4o-mini)")
     judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env var holding the judge's API key")
-    judge.add_argument("--judge-concurrency", type=int, default=8, help="judge requests in flight at once")
+    judge.add_argument("--judge-concurrency", type=positive_int, default=8, help="judge requests in flight at once")
     judge.add_argument("--judge-structured", action="store_true", help="ask for the verdict JSON schema")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `research eval` and `python -m cluster.eval`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    from cluster.cli import fail
+    from cluster.config import check_paths
+
+    parser = _parser()
+    args = parser.parse_args(argv)
     if bool(args.judge_url) != bool(args.judge_model):
-        print("error: --judge-url and --judge-model go together", file=sys.stderr)
-        return 2
+        return fail(parser.prog, "--judge-url and --judge-model go together")
     try:
         config = load_config(args.config, args.overrides)
+        check_paths(config, data=False)
         benchmarks = load_benchmarks(args.data, args.limit)
         model = args.model or config.policy.name_or_path
         out_dir = Path(args.out)
         check_meta(out_dir, eval_meta(config, model), args.restart)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ConfigError, ValueError, OSError) as error:
+        return fail(parser.prog, error)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.restart:
         for benchmark in benchmarks:
             (out_dir / benchmark.name / RECORDS).unlink(missing_ok=True)

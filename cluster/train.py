@@ -8,7 +8,6 @@ the learner trains, and every group carries the policy version that produced it.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -272,23 +271,29 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `research train` and `python -m cluster.train`."""
-    parser = argparse.ArgumentParser(prog="research train", description=__doc__.splitlines()[0])
+    from cluster.cli import CommandParser, fail
+    from cluster.config import check_paths
+
+    parser = CommandParser("research train", "Run a training job (GRPO with search) on a local Ray cluster, or on "
+                           "$RAY_ADDRESS; this is the job that ray job submit runs.", config_help=True)
     parser.add_argument("config", help="YAML file or preset name under configs/")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides, e.g. learner.lr=5e-7")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = load_config(args.config, args.overrides)
+        check_paths(config)
     except ConfigError as error:
-        print(f"research train: {error}", file=sys.stderr)
-        return 2
+        return fail(parser.prog, error)
     run_dir = config.resolved_run_dir()
     if args.resume and not (run_dir / "checkpoints").is_dir():
-        print(f"research train: --resume needs checkpoints under {run_dir}", file=sys.stderr)
-        return 2
-    connect_ray(args.address)
+        return fail(parser.prog, f"--resume needs checkpoints under {run_dir}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        connect_ray(args.address)
+    except ConnectionError as error:  # no Ray cluster at --address / $RAY_ADDRESS
+        return fail(parser.prog, error)
     trainer = Trainer(config, run_dir, args.resume)
     try:
         summary = asyncio.run(trainer.run())

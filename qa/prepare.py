@@ -126,7 +126,8 @@ def prepare_eval(src: str, out: str | Path, limit: int | None = None, split: str
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="research data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="research data", description="Build the question files training and "
+                                     "evaluation read, as FlashRAG jsonl.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("musique-train", help="MuSiQue-Ans train (the paper's 19,938 questions)")
     train.add_argument("--src", required=True, help="a MuSiQue file in any format qa/ reads, or a hub dataset id")
@@ -156,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             report = prepare_val(args.src, args.out, args.size, args.seed, args.split)
         else:
             report = prepare_eval(args.src, args.out, args.limit, args.split)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as error:  # bad input, missing files, no hub access or `datasets`
+        print(f"research data: error: {error}", file=sys.stderr)
         return 2
     print(f"{args.command}: {report.summary()}")
     return 0

@@ -129,7 +129,8 @@ def _write_questions(path: Path, split: str, questions: list[Question], entity_p
 
 def main(argv: list[str] | None = None) -> int:
     """`research world --out DIR --seed S [--num-passages N] [--num-train N] [--num-dev N]`."""
-    parser = argparse.ArgumentParser(prog="research world", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="research world", usage="%(prog)s --out DIR [options]",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write corpus.jsonl, train/dev.jsonl, world.json")
     parser.add_argument("--seed", type=int, default=0, help="world seed; the same seed gives identical files")
     parser.add_argument("--num-passages", type=int, default=2000, help="approximate corpus size")
@@ -140,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = generate_world(args.out, seed=args.seed, num_passages=args.num_passages,
                                  num_train=args.num_train, num_dev=args.num_dev)
-    except ValueError as error:
-        print(f"research world: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # bad sizes; an --out that is a file or not writable
+        print(f"research world: error: {error}", file=sys.stderr)
         return 2
     print(f"world seed={summary.seed}: {summary.num_passages} passages, {summary.num_train} train, "
           f"{summary.num_dev} dev questions -> {args.out} ({time.perf_counter() - start:.1f} s)")

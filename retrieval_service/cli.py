@@ -1,4 +1,8 @@
-"""`research index` and `research serve`: build a faiss index from a corpus, and serve it over HTTP."""
+"""`research index` and `research serve`: build a faiss index from a corpus, and serve it over HTTP.
+
+Their flags are generated from the config models' fields (type, bounds, default and help come from the Field), so a
+field's description is its flag's help and a value is validated exactly as in a YAML config.
+"""
 
 from __future__ import annotations
 
@@ -6,43 +10,114 @@ import argparse
 import logging
 import os
 import sys
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, TypeVar
 
-from retrieval_service.config import DEFAULT_ENCODER, EncoderConfig, RetrievalConfig, ServerConfig
+from pydantic import BaseModel, ValidationError
+
+from retrieval_service.config import EncoderConfig, IndexBuildConfig, RetrievalConfig, ServerConfig
 
 TOKEN_ENV = "RESEARCH_RETRIEVAL_TOKEN"
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class ConfigFlags:
+    """Flags of an argparse parser generated from pydantic model fields; values are validated by the model.
+
+    pydantic-settings' CliSettingsSource can also do this, but it names flags by dotted field path
+    (--server.micro-batch-workers), reads environment variables into the models (a stray $HOST would move the
+    service), exposes every field (the bearer token would land in argv) unless the shared config models are
+    annotated for it, and is not a declared dependency; this keeps the flag names users already type.
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.flags: dict[tuple[str, str], str] = {}  # (section, field) -> flag
+
+    def add(self, model: type[BaseModel], section: str, fields: Iterable[str] | None = None,
+            names: Mapping[str, str] | None = None, defaults: Mapping[str, str] | None = None,
+            required: Iterable[str] = ()) -> None:
+        """One flag per field (all fields when `fields` is None), named --field-name unless `names` renames it;
+        `defaults` replaces the shown default of a field whose default is decided elsewhere."""
+        names, defaults, required = names or {}, defaults or {}, set(required)
+        group = self.parser.add_argument_group(f"{section} ({model.__name__})")
+        for name in fields or model.model_fields:
+            field = model.model_fields[name]
+            flag = names.get(name, "--" + name.replace("_", "-"))
+            self.flags[(section, name)] = flag
+            kwargs = _argparse_kwargs(field.annotation, flag)
+            shown = "required" if name in required else f"default: {defaults.get(name, field.get_default())}"
+            help_ = f"{field.description} ({shown})".replace("%", "%%").replace("`", "")  # plain text, not markdown
+            group.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, required=name in required,
+                               help=help_, **kwargs)
+
+    def given(self, args: argparse.Namespace, section: str) -> dict[str, Any]:
+        """The values of a section's flags that were given on the command line."""
+        return {dest.split(".", 1)[1]: value for dest, value in vars(args).items() if dest.startswith(section + ".")}
+
+    def build(self, model: type[Model], args: argparse.Namespace, section: str, **values: Any) -> Model:
+        """The model from `values` plus the given flags; a ValueError names the offending flag."""
+        try:
+            return model.model_validate({**values, **self.given(args, section)})
+        except ValidationError as err:
+            problems = []
+            for problem in err.errors():
+                field = str(problem["loc"][0]) if problem["loc"] else ""
+                flag = self.flags.get((section, field), field)
+                problems.append(f"{flag}: {problem['msg']} (got {problem.get('input')!r})")
+            raise ValueError("; ".join(problems)) from None
+
+
+def _argparse_kwargs(annotation: Any, flag: str) -> dict[str, Any]:
+    """type/choices/action/metavar of the flag of a field with this annotation (X | None is X)."""
+    options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) is not Literal and len(options) == 1:
+        annotation = options[0]
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(annotation) is Literal:
+        choices = list(typing.get_args(annotation))
+        return {"type": type(choices[0]), "choices": choices}
+    if annotation in (int, float, str):
+        return {"type": annotation, "metavar": flag.lstrip("-").replace("-", "_").upper()}
+    raise TypeError(f"no command-line flag for a field of type {annotation}")
+
+
+def _parser(prog: str, usage: str, description: str) -> tuple[argparse.ArgumentParser, ConfigFlags]:
+    """A parser with a short usage line (argparse prints it above a usage error) and its config flags."""
+    parser = argparse.ArgumentParser(prog=prog, usage=usage, description=description)
+    return parser, ConfigFlags(parser)
+
+
+def index_parser() -> tuple[argparse.ArgumentParser, ConfigFlags]:
+    """The parser of `research index`: corpus and output, then IndexBuildConfig and EncoderConfig fields."""
+    parser, flags = _parser("research index", "%(prog)s --corpus FILE --out DIR [options]",
+                            "Encode a corpus into a faiss index (rerun the same command to resume).")
+    parser.add_argument("--corpus", required=True, help="wiki-18 style .jsonl or .parquet corpus")
+    parser.add_argument("--out", required=True, help="index directory to write (rerun to resume)")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flags.add(IndexBuildConfig, "build")
+    flags.add(EncoderConfig, "encoder", ["name_or_path", "batch_size", "passage_max_length", "device", "cpu_threads",
+                                         "fp16"], names={"name_or_path": "--encoder", "passage_max_length": "--max-length"})
+    return parser, flags
 
 
 def index_main(argv: list[str] | None = None) -> int:
     """Entry point of `research index --corpus FILE --out DIR [...]`; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="research index", description="Encode a corpus into a faiss index.")
-    parser.add_argument("--corpus", required=True, help="wiki-18 style .jsonl or .parquet corpus")
-    parser.add_argument("--out", required=True, help="index directory to write (rerun to resume)")
-    parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder name or path (default: packaged MiniLM)")
-    parser.add_argument("--factory", default="Flat", help="faiss index_factory string: Flat, HNSW32, IVF4096,PQ64 ...")
-    parser.add_argument("--shard-size", type=int, default=100_000, help="passages per resumable shard")
-    parser.add_argument("--batch-size", type=int, default=64, help="passages per encoder forward")
-    parser.add_argument("--max-length", type=int, default=512, help="passage token limit")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--cpu-threads", type=int, default=0, help="torch threads on CPU (0 = all cores)")
-    parser.add_argument("--ray-actors", type=int, default=0, help="encode shards on this many Ray actors (0 = here)")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
-    parser.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="GPUs each encoding actor reserves")
-    parser.add_argument("--train-size", type=int, default=1_000_000, help="vectors used to train IVF/PQ factories")
-    parser.add_argument("--max-new-shards", type=int, default=None, help="stop after encoding this many shards")
-    parser.add_argument("--keep-shards", action="store_true", help="keep build/ shards after assembly")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser, flags = index_parser()
     args = parser.parse_args(argv)
+    try:
+        build = flags.build(IndexBuildConfig, args, "build")
+        encoder = flags.build(EncoderConfig, args, "encoder")
+    except ValueError as error:
+        return _fail(parser, error)
 
     from retrieval_service.build import build_index
 
-    encoder = EncoderConfig(
-        name_or_path=args.encoder,
-        batch_size=args.batch_size,
-        passage_max_length=args.max_length,
-        device=args.device,
-        cpu_threads=args.cpu_threads,
-    )
-    if args.ray_actors > 0:
+    if build.ray_actors > 0:
         import ray
 
         if args.ray_address:
@@ -50,22 +125,9 @@ def index_main(argv: list[str] | None = None) -> int:
         else:  # a local cluster stays on loopback
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, ignore_reinit_error=True)
     try:
-        meta = build_index(
-            args.corpus,
-            args.out,
-            encoder,
-            factory=args.factory,
-            shard_size=args.shard_size,
-            ray_actors=args.ray_actors,
-            ray_gpus_per_actor=args.ray_gpus_per_actor,
-            train_size=args.train_size,
-            max_new_shards=args.max_new_shards,
-            keep_shards=args.keep_shards,
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"research index: {error}", file=sys.stderr)
-        return 2
+        meta = build_index(args.corpus, args.out, encoder, **build.model_dump(), progress=not args.no_progress)
+    except (ValueError, OSError) as error:
+        return _fail(parser, error)
     if meta is None:
         print(f"research index: stopped early; rerun the same command to resume into {args.out}")
         return 0
@@ -73,69 +135,61 @@ def index_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def serve_parser() -> tuple[argparse.ArgumentParser, ConfigFlags]:
+    """The parser of `research serve`: index_dir and topk, ServerConfig and query-side EncoderConfig fields."""
+    parser, flags = _parser("research serve", "%(prog)s --index DIR [options]", "Serve a faiss index over HTTP.")
+    parser.add_argument("--access-log", action="store_true", help="log every request (costs CPU at high QPS)")
+    parser.add_argument("--token-env", default=TOKEN_ENV,
+                        help=f"environment variable holding the bearer token (default: {TOKEN_ENV})")
+    flags.add(RetrievalConfig, "retrieval", ["index_dir", "topk"], names={"index_dir": "--index"},
+              required=["index_dir"])
+    flags.add(ServerConfig, "server", [name for name in ServerConfig.model_fields if name != "auth_token"],
+              names={"micro_batch_max_size": "--max-batch", "micro_batch_max_wait_ms": "--max-wait-ms",
+                     "micro_batch_workers": "--batch-workers"})
+    flags.add(EncoderConfig, "encoder", ["name_or_path", "device", "cpu_threads", "fp16", "query_max_length",
+                                         "query_batch_size"],
+              names={"name_or_path": "--encoder"}, defaults={"name_or_path": "the encoder recorded in the index"})
+    return parser, flags
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     """Entry point of `research serve --index DIR [--host 127.0.0.1] [--port P]`; returns the exit code."""
-    defaults = ServerConfig()
-    parser = argparse.ArgumentParser(prog="research serve", description="Serve a faiss index over HTTP.")
-    parser.add_argument("--index", required=True, help="index directory written by `research index`")
-    parser.add_argument("--host", default=defaults.host, help="bind address (default loopback)")
-    parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--encoder", default=None, help="query encoder (default: the one recorded in the index)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--cpu-threads", type=int, default=0, help="torch threads on CPU (0 = all cores)")
-    parser.add_argument("--topk", type=int, default=5, help="default top-k when a request does not say")
-    parser.add_argument("--max-batch", type=int, default=defaults.micro_batch_max_size)
-    parser.add_argument("--max-wait-ms", type=float, default=defaults.micro_batch_max_wait_ms)
-    parser.add_argument("--batch-workers", type=int, default=defaults.micro_batch_workers, help="concurrent batches")
-    parser.add_argument("--no-micro-batching", action="store_true", help="one encoder forward per request")
-    parser.add_argument("--cache-size", type=int, default=defaults.cache_size)
-    parser.add_argument("--faiss-gpu", action="store_true", help="shard the index over all visible GPUs")
-    parser.add_argument("--faiss-threads", type=int, default=defaults.faiss_threads, help="faiss OpenMP threads (0 = default)")
-    parser.add_argument("--access-log", action="store_true", help="log every request (costs CPU at high QPS)")
-    parser.add_argument("--token-env", default=TOKEN_ENV, help="environment variable holding the bearer token")
+    parser, flags = serve_parser()
     args = parser.parse_args(argv)
+    token = os.environ.get(args.token_env) or None
+    index_dir = getattr(args, "retrieval.index_dir")
+    try:
+        server = flags.build(ServerConfig, args, "server", auth_token=token)
+        encoder = flags.build(EncoderConfig, args, "encoder")  # validated before the index is read
+        retrieval = flags.build(RetrievalConfig, args, "retrieval")
+    except ValueError as error:
+        return _fail(parser, error)
 
     import uvicorn
 
     from retrieval_service.app import create_app
-    from retrieval_service.index import read_meta
+    from retrieval_service.index import canonical_encoder_name, read_meta
 
     try:
-        meta = read_meta(args.index)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"research serve: {error}", file=sys.stderr)
-        return 2
-    token = os.environ.get(args.token_env) or None
-    if args.host not in {"127.0.0.1", "localhost", "::1"} and token is None:
-        logging.getLogger(__name__).warning("serving on %s without a bearer token (set $%s)", args.host, args.token_env)
-    config = RetrievalConfig(
-        encoder=EncoderConfig(
-            name_or_path=args.encoder or meta.encoder, device=args.device, cpu_threads=args.cpu_threads
-        ),
-        server=ServerConfig(
-            host=args.host,
-            port=args.port,
-            micro_batch_max_size=args.max_batch,
-            micro_batch_max_wait_ms=args.max_wait_ms,
-            micro_batch_workers=args.batch_workers,
-            micro_batching=not args.no_micro_batching,
-            cache_size=args.cache_size,
-            auth_token=token,
-            faiss_gpu=args.faiss_gpu,
-            faiss_threads=args.faiss_threads,
-        ),
-        index_dir=args.index,
-        topk=args.topk,
-    )
-    if args.encoder is not None:
+        meta = read_meta(index_dir)
+    except (OSError, ValueError) as error:
+        return _fail(parser, error)
+    given_encoder = flags.given(args, "encoder").get("name_or_path")
+    if given_encoder is not None and canonical_encoder_name(given_encoder) != canonical_encoder_name(meta.encoder):
         # Fail before binding the port: a mismatched encoder would only surface in /health otherwise.
-        from retrieval_service.index import canonical_encoder_name
-
-        if canonical_encoder_name(args.encoder) != canonical_encoder_name(meta.encoder):
-            print(
-                f"research serve: index {args.index} was built with encoder {meta.encoder!r}, not {args.encoder!r}",
-                file=sys.stderr,
-            )
-            return 2
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info", access_log=args.access_log)
+        return _fail(parser, f"index {index_dir} was built with encoder {meta.encoder!r}, not {given_encoder!r}")
+    if server.host not in {"127.0.0.1", "localhost", "::1"} and token is None:
+        logging.getLogger(__name__).warning("serving on %s without a bearer token (set $%s)", server.host, args.token_env)
+    config = retrieval.model_copy(update={
+        "server": server, "encoder": encoder.model_copy(update={"name_or_path": given_encoder or meta.encoder}),
+    })
+    uvicorn.run(create_app(config), host=server.host, port=server.port, log_level="info", access_log=args.access_log)
     return 0
+
+
+def _fail(parser: argparse.ArgumentParser, error: object) -> int:
+    """Print `prog: error: message` as one line on stderr; returns the exit code 2."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        error = f"{error.filename}: {error.strerror}"
+    print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2

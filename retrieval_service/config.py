@@ -62,6 +62,20 @@ class ServerConfig(BaseModel):
     faiss_threads: int = Field(0, ge=0, description="OpenMP threads for faiss search (0 leaves faiss' default).")
 
 
+class IndexBuildConfig(BaseModel):
+    """How `research index` builds an index: the faiss factory, resumable shards, and optional Ray encoding actors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    factory: str = Field("Flat", description="faiss index_factory string: Flat, HNSW32, IVF4096,PQ64 ...")
+    shard_size: int = Field(100_000, ge=1, description="Passages per resumable shard.")
+    ray_actors: int = Field(0, ge=0, description="Encode shards on this many Ray actors (0 = in this process).")
+    ray_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs each encoding actor reserves.")
+    train_size: int = Field(1_000_000, ge=1, description="Vectors used to train IVF/PQ factories.")
+    max_new_shards: int | None = Field(None, ge=1, description="Stop after encoding this many shards (None = all).")
+    keep_shards: bool = Field(False, description="Keep the build/ shards after the index is assembled.")
+
+
 class RetrievalConfig(BaseModel):
     """Everything about retrieval that a training or eval run configures."""
 
