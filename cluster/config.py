@@ -9,7 +9,7 @@ import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import annotated_types
 import yaml

@@ -16,9 +16,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from retrieval_service.config import EncoderConfig, IndexBuildConfig, RetrievalConfig, ServerConfig
-
-TOKEN_ENV = "RESEARCH_RETRIEVAL_TOKEN"
+from retrieval_service.config import TOKEN_ENV, EncoderConfig, IndexBuildConfig, RetrievalConfig, ServerConfig
 
 Model = TypeVar("Model", bound=BaseModel)
 
