@@ -14,7 +14,7 @@ export RESEARCH_CACHE := $(CURDIR)/.cache/research
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 demo: $(VENV)/.stamp-cpu-demo
 	$(PY) -m cluster.demo
@@ -22,6 +22,10 @@ demo: $(VENV)/.stamp-cpu-demo
 test: $(VENV)/.stamp-cpu-demo-dev
 	@set -o pipefail; $(PY) -m pytest tests -q -ra --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+# The unit tier: no vLLM engine, Ray cluster or server is started (those tests are marked `slow`).
+test-fast: $(VENV)/.stamp-cpu-demo-dev
+	$(PY) -m pytest tests -q -m "not slow" -p no:cacheprovider
 
 lint: $(VENV)/.stamp-cpu-demo-dev
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,7 @@
 
 (Run it with -m from the repository root: as a file, its name would shadow the `learner` package.)
 Both sides do the same work per step: micro-batched forward/backward of the GRPO loss (learner.grpo.policy_loss on
-learner.engine.token_logprobs), gradient clipping and one AdamW step. Goal: DeepSpeed <= 1.3x the plain loop.
+learner.logprobs.token_logprobs), gradient clipping and one AdamW step. Goal: DeepSpeed <= 1.3x the plain loop.
 
     python -m bench.learner_step [--layers 4] [--hidden 256] [--batch 8] [--seq 256] [--micro 4] [--steps 5]
 """
@@ -18,10 +18,13 @@ import pyarrow as pa
 import torch
 
 from cluster.models import build_tiny_policy
+from learner.advantages import with_advantages
 from learner.batch import TrainBatch, collate
 from learner.config import GRPOConfig, LearnerConfig
-from learner.engine import LearnerEngine, destroy_distributed, token_logprobs
-from learner.grpo import group_advantages, policy_loss
+from learner.distributed import destroy_distributed
+from learner.engine import LearnerEngine
+from learner.grpo import policy_loss
+from learner.logprobs import token_logprobs
 
 
 def make_batch(batch: int, seq: int, group_size: int = 4, seed: int = 0) -> TrainBatch:
@@ -38,7 +41,7 @@ def make_batch(batch: int, seq: int, group_size: int = 4, seed: int = 0) -> Trai
             rows["behaviour_logprobs"].append([-6.9] * (seq - prompt_len))
             rows["reward"].append(float((i + g) % 2))
         groups.append(pa.RecordBatch.from_pydict(rows))
-    return collate(groups, pad_token_id=0)
+    return collate(with_advantages(groups), pad_token_id=0)
 
 
 class PlainTorchLoop:
@@ -57,13 +60,12 @@ class PlainTorchLoop:
         """One update; returns its seconds."""
         config, grpo = self.config, self.config.grpo
         started = time.perf_counter()
-        advantages = group_advantages(batch.rewards, batch.group_size, grpo.eps, grpo.scale_by_std)
         total_tokens = float(batch.loss_mask.sum())
         for start in range(0, batch.size, config.micro_batch_size):
             micro = batch.rows(start, min(start + config.micro_batch_size, batch.size))
             logprobs, entropy = token_logprobs(self.model, micro.input_ids, micro.attention_mask, with_entropy=True)
             loss, _ = policy_loss(
-                logprobs, micro.behaviour_logprobs, advantages[start : start + micro.size], micro.loss_mask,
+                logprobs, micro.behaviour_logprobs, micro.advantages, micro.loss_mask,
                 clip=grpo.clip, entropy=entropy,
             )
             (loss * float(micro.loss_mask.sum()) / total_tokens).backward()

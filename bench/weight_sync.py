@@ -4,7 +4,8 @@ Receivers are Ray actors running the real receiver of actors/weight_sync.py (Wei
 is normally mixed into is replaced by a host whose `reload_weights` copies each tensor into its own preallocated
 copy of the model (the memory traffic of loading in place). Three ways to move the same bytes over the same gloo group:
 
-- bucketed (ours): learner.broadcast.WeightBroadcaster, one control call per receiver per sync, flat buckets;
+- bucketed (ours): the training path, Learner.weight_manifest + Learner.send_weights (rank 0's WeightSender), one
+  control call per receiver per sync, flat buckets;
 - floor: one control call per receiver and one broadcast of all the bytes as a single flat tensor;
 - per-parameter (the OpenRLHF way): per tensor, one control call per receiver and one broadcast.
 
@@ -25,12 +26,13 @@ from typing import Any
 
 import ray
 import torch
-from learner.broadcast import WeightBroadcaster, parameter_specs
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 from actors.weight_sync import WeightReceiver, make_manifest
 from cluster.models import build_tiny_policy
 from learner.config import GRPOConfig, LearnerConfig
-from learner.engine import LearnerEngine, destroy_distributed
+from learner.distributed import destroy_distributed
+from learner.learner_actor import Learner
 
 RECEIVERS = 2
 
@@ -52,33 +54,33 @@ class LoadingHost(WeightReceiver):
             self.weights[name].copy_(tensor)
 
 
-def sync_bucketed(broadcaster: WeightBroadcaster, receivers: list, version: int) -> float:
-    """Ours: one manifest, one control call per receiver, the bucketed broadcast."""
+def sync_bucketed(learner: Learner, receivers: list, version: int) -> float:
+    """Ours: one manifest, one control call per receiver, the bucketed broadcast of the training path."""
     started = time.perf_counter()
-    manifest = broadcaster.manifest(version)
+    manifest = learner.weight_manifest(version)
     loads = [r.research_load_weights.remote(manifest) for r in receivers]
-    broadcaster.broadcast(manifest)
+    learner.send_weights(manifest)
     ray.get(loads)
     return time.perf_counter() - started
 
 
-def sync_floor(broadcaster: WeightBroadcaster, receivers: list, flat: torch.Tensor, version: int) -> float:
+def sync_floor(learner: Learner, receivers: list, flat: torch.Tensor, version: int) -> float:
     """The floor: every byte as one flat tensor in one broadcast, one control call per receiver."""
     started = time.perf_counter()
-    manifest = make_manifest([("flat", flat)], version, bucket_mb=float("inf"))
+    manifest = make_manifest([("flat", flat)], version, float("inf"), learner.sender.backend)
     loads = [r.research_load_weights.remote(manifest) for r in receivers]
-    broadcaster.sender.broadcast([("flat", flat)], manifest)
+    learner.sender.send(manifest, [[flat]])
     ray.get(loads)
     return time.perf_counter() - started
 
 
-def sync_per_parameter(broadcaster: WeightBroadcaster, receivers: list, version: int) -> float:
+def sync_per_parameter(learner: Learner, receivers: list, version: int) -> float:
     """OpenRLHF-style: for each tensor a control call to every receiver, then that tensor's broadcast."""
     started = time.perf_counter()
-    for name, tensor in broadcaster.learner.full_parameters():
-        manifest = make_manifest([(name, tensor)], version, bucket_mb=float("inf"))
+    for name, tensor in learner.engine.full_parameters():
+        manifest = make_manifest([(name, tensor)], version, float("inf"), learner.sender.backend)
         loads = [r.research_load_weights.remote(manifest) for r in receivers]
-        broadcaster.sender.broadcast([(name, tensor)], manifest)
+        learner.sender.send(manifest, [[tensor]])
         ray.get(loads)
     return time.perf_counter() - started
 
@@ -99,34 +101,36 @@ def main() -> None:
     try:
         model_path = str(build_tiny_policy(model_dir, hidden_size=args.hidden, num_layers=args.layers))
         config = LearnerConfig(zero_stage=args.zero_stage, grpo=GRPOConfig(kl_coef=0.0))
-        learner = LearnerEngine(config, model_path)
-        specs = parameter_specs(learner.module)
+        learner = Learner(config.model_dump(), model_path, rank=0, world_size=1)
+        learner.setup("127.0.0.1", get_free_port())
+        specs = [(name, t.detach().clone()) for name, t in learner.engine.full_parameters()]
         shapes = {name: (list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in specs}
         total_bytes = sum(t.numel() * t.element_size() for _, t in specs)
-        flat = torch.cat([t.detach().reshape(-1) for _, t in learner.full_parameters()])
+        flat = torch.cat([t.reshape(-1) for _, t in specs])
         host = ray.remote(LoadingHost)
         receivers = [host.options(num_cpus=0.5).remote(shapes) for _ in range(RECEIVERS)]
 
         rows = []
         for bucket_mb in args.bucket_mb:
-            broadcaster = WeightBroadcaster(learner, bucket_mb)
-            host_addr, port = broadcaster.open(1 + RECEIVERS)
-            joins = [r.research_join_weight_group.remote(host_addr, port, 1 + RECEIVERS, 1 + i) for i, r in enumerate(receivers)]
-            broadcaster.connect()
+            learner.config = config.model_copy(update={"weight_sync_bucket_mb": bucket_mb})
+            host_addr, port, backend = learner.open_weight_group(1 + RECEIVERS, 300.0)
+            joins = [r.research_join_weight_group.remote(host_addr, port, 1 + RECEIVERS, 1 + i, backend)
+                     for i, r in enumerate(receivers)]
+            learner.connect_weight_group()
             ray.get(joins)
-            buckets = len(broadcaster.manifest(0)["buckets"])
+            buckets = len(learner.weight_manifest(0)["buckets"])
             times: dict[str, list[float]] = {"bucketed": [], "floor": [], "per-parameter": []}
             for repeat in range(args.repeats + 1):  # the first round warms sockets and allocators up
                 round_times = {
-                    "floor": sync_floor(broadcaster, receivers, flat, repeat),
-                    "bucketed": sync_bucketed(broadcaster, receivers, repeat),
-                    "per-parameter": sync_per_parameter(broadcaster, receivers, repeat),
+                    "floor": sync_floor(learner, receivers, flat, repeat),
+                    "bucketed": sync_bucketed(learner, receivers, repeat),
+                    "per-parameter": sync_per_parameter(learner, receivers, repeat),
                 }
                 if repeat:
                     for name, seconds in round_times.items():
                         times[name].append(seconds)
-            broadcaster.close()
             rows.append((bucket_mb, buckets, {name: statistics.median(t) for name, t in times.items()}))
+        learner.close()
     finally:
         destroy_distributed()
         ray.shutdown()

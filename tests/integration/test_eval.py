@@ -26,6 +26,8 @@ from cluster.eval import EvalSession, eval_meta, evaluate, load_benchmarks, main
 from cluster.eval_report import check_meta, read_records_file
 from qa.judge import JudgeSettings
 
+pytestmark = pytest.mark.slow  # starts vLLM engines, servers or a Ray cluster
+
 RECORD_FIELDS = {"key", "id", "question", "golden_answers", "response", "answer", "format_valid", "em", "f1",
                  "cover_em", "reward", "num_searches", "num_turns", "response_tokens", "end_reason", "judge"}
 

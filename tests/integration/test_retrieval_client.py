@@ -11,25 +11,31 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from actors.prompts import format_passages
 from qa.world import generate_world
 from retrieval_service.app import BackgroundServer, create_app
 from retrieval_service.build import build_index
-from retrieval_service.client import RetrievalClient, RetrievalError, format_result_block
-from retrieval_service.config import RetrievalConfig
+from retrieval_service.client import RetrievalClient, RetrievalError
+from retrieval_service.config import TOKEN_ENV, RetrievalConfig, ServerConfig
 from retrieval_service.process import free_port
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     world = tmp_path_factory.mktemp("client_world")
     generate_world(world, seed=3, num_passages=60)
     corpus = world / "small.jsonl"
     with (world / "corpus.jsonl").open() as lines:
         corpus.write_text("".join(itertools.islice(lines, 30)))
     build_index(corpus, world / "index", progress=False)
-    server = BackgroundServer(create_app(RetrievalConfig(index_dir=str(world / "index")))).start()
+    return world / "index"
+
+
+@pytest.fixture(scope="module")
+def good(index_dir: Path) -> Iterator[str]:
+    server = BackgroundServer(create_app(RetrievalConfig(index_dir=str(index_dir)))).start()
     try:
         server.wait_ready()
         yield server.url
@@ -82,7 +88,7 @@ def test_search_and_result_block(good: str) -> None:
     assert [len(hits) for hits in found] == [3, 3]
     passage = found[0][0]
     assert passage.title and passage.text and -1.0 <= passage.score <= 1.0
-    block = format_result_block(found[0])
+    block = format_passages(found[0])
     assert block.count("\n\n") == 2 and block.startswith(f'"{passage.title}"\n')
 
 
@@ -131,5 +137,31 @@ def test_index_dir_missing_is_reported_by_health(tmp_path: Path) -> None:
     try:
         with pytest.raises(RuntimeError, match="not a finished index"):
             server.wait_ready(timeout=20)
+    finally:
+        server.stop()
+
+
+def test_client_from_config_carries_the_token_from_the_environment(
+    index_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rollout actors and the eval build their client from the job's retrieval config; the token must reach it."""
+    server = BackgroundServer(create_app(RetrievalConfig(index_dir=str(index_dir),
+                                                         server=ServerConfig(auth_token="s3cret")))).start()
+    try:
+        server.wait_ready()
+        config = RetrievalConfig(urls=[server.url], retries=0)
+
+        async def search() -> list:
+            client = RetrievalClient.from_config(config)
+            try:
+                return await client.search(["Who is the mayor?"], topk=2)
+            finally:
+                await client.aclose()
+
+        monkeypatch.delenv(TOKEN_ENV, raising=False)
+        with pytest.raises(RetrievalError, match="401"):
+            asyncio.run(search())
+        monkeypatch.setenv(TOKEN_ENV, "s3cret")
+        assert [len(hits) for hits in asyncio.run(search())] == [2]
     finally:
         server.stop()

@@ -9,11 +9,14 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import ray
 
 from cluster.retrieval_replicas import start_replicas
 from retrieval_service.client import RetrievalClient
 from retrieval_service.config import RetrievalConfig
+
+pytestmark = pytest.mark.slow  # starts vLLM engines, servers or a Ray cluster
 
 
 def test_dead_replica_is_skipped_then_restarted(rollout_world: Path, ray_cluster: None) -> None:
