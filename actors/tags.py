@@ -7,7 +7,7 @@ break the think/answer counts. A result block ends at the first `</result>` afte
 holding that literal string would end its block early: the search loop must keep it out of the passages it inserts
 (plain Wikipedia text does not contain it).
 
-Format rule of the `research-strict` reward (DESIGN.md, "Reward"), as decided here for the edge cases the rule
+Format rule of the `research-strict` reward (paper Eq. 2; README, "Reward"), as decided here for the edge cases the rule
 leaves open; the default `research` reward uses the reference's looser checks instead (actors.research_grammar):
 - the response finished with EOS (not truncated by the token budget or the turn limit);
 - `<think>`/`</think>` alternate, starting with an opening tag and ending closed, at least one pair; an empty

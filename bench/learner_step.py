@@ -18,12 +18,11 @@ import pyarrow as pa
 import torch
 
 from cluster.models import build_tiny_policy
-from learner.advantages import with_advantages
 from learner.batch import TrainBatch, collate
 from learner.config import GRPOConfig, LearnerConfig
 from learner.distributed import destroy_distributed
 from learner.engine import LearnerEngine
-from learner.grpo import policy_loss
+from learner.grpo import policy_loss, with_advantages
 from learner.logprobs import token_logprobs
 
 

@@ -1,7 +1,7 @@
 """`python -m cluster.train CONFIG [key=value ...] [--resume]`: the job `ray job submit` runs.
 
 One step: dispatch questions to rollout actors (admission: at most max_staleness + 1 policy versions of work in
-flight), collect finished groups as they stream in, compute advantages (learner.advantages) and train the learner on
+flight), collect finished groups as they stream in, compute advantages (learner.grpo) and train the learner on
 the oldest `batch_size` groups, sync the new weights into every engine (RolloutPool.sync_weights), log. With max_staleness = 0 this is the synchronous on-policy loop; with >= 1 generation runs ahead while
 the learner trains, and every group carries the policy version that produced it.
 """
@@ -149,7 +149,7 @@ class Trainer:
 
     async def _learn(self, taken: list[tuple[PromptItem, pa.RecordBatch]], step_started: float) -> None:
         """One policy update on `taken` groups: advantages, the learner's update, the weight sync; logs the step."""
-        from learner.advantages import with_advantages
+        from learner.grpo import with_advantages
 
         groups = [batch for _, batch in taken]
         scalars = batch_metrics(groups, self.learner.policy_version)

@@ -87,7 +87,7 @@ def collate(table: pa.Table, pad_token_id: int, scoring_only: bool = False) -> T
     if table.num_rows == 0:
         raise ValueError("no trajectories to collate")
     if "advantage" not in table.column_names and not scoring_only:
-        raise ValueError("trajectories need an `advantage` column (learner.advantages.with_advantages adds one)")
+        raise ValueError("trajectories need an `advantage` column (learner.grpo.with_advantages adds one)")
     prompts = table.column("prompt_ids").to_pylist()
     responses = table.column("response_ids").to_pylist()
     masks = table.column("loss_mask").to_pylist()

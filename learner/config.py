@@ -20,7 +20,7 @@ class GRPOConfig(BaseModel):
         "token-mean", description="Loss aggregation over tokens and sequences."
     )
     advantage: Literal["grpo", "dr-grpo", "rloo"] = Field(
-        "grpo", description="Advantage estimator (learner/advantages.py): grpo = (r - mean) / (std + eps), dr-grpo = "
+        "grpo", description="Advantage estimator (learner/grpo.py): grpo = (r - mean) / (std + eps), dr-grpo = "
         "r - mean, rloo = r - mean of the other samples.",
     )
     eps: float = Field(1e-6, gt=0.0, description="Added to the group std before dividing.")

@@ -7,7 +7,7 @@ Every rank gets the same global batch (token ids, loss mask, behaviour logprobs,
 contiguous rows of each mini-batch. Each micro-batch's loss is weighted by its share of the mini-batch's global
 normaliser (tokens for token-mean, trajectories otherwise), so any world size and micro-batch size gives the update
 of the whole batch. The learner knows nothing of search, tags or groups: advantages come computed
-(learner.advantages).
+(learner.grpo).
 """
 
 from __future__ import annotations

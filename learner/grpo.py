@@ -1,4 +1,8 @@
-"""GRPO math: group-normalised advantages, the clipped surrogate, KL to the reference, loss aggregation.
+"""GRPO math: advantage estimators, the clipped surrogate, KL to the reference, loss aggregation.
+
+The driver picks an advantage estimator by name (`learner.grpo.advantage`, ESTIMATORS below) and writes the
+`advantage` column the learner trains on (with_advantages), so the learner never sees groups and another estimator
+(RLOO, Dr. GRPO's) is one small function here, not a learner change.
 
 Everything here works on plain tensors laid out (B, T): B sequences (group by group, `group_size` samples of
 one prompt next to each other), T response tokens. The learner computes `logprobs` with the current policy,
@@ -17,6 +21,9 @@ the paper uses none of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import pyarrow as pa
 import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -41,6 +48,42 @@ def group_advantages(
         std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
         advantages = advantages / (std + eps)
     return advantages.view(-1)
+
+
+def grpo(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """GRPO (the paper): (r - group mean) / (group std + eps)."""
+    return group_advantages(rewards, group_size, eps, scale_by_std=True)
+
+
+def dr_grpo(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """Dr. GRPO: r - group mean, no division by the std (pair it with `agg: seq-mean-token-sum-norm`)."""
+    return group_advantages(rewards, group_size, eps, scale_by_std=False)
+
+
+def rloo(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """RLOO: r minus the mean reward of the other samples of its group (0 for a group of one)."""
+    if group_size < 2:
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    centred = group_advantages(rewards, group_size, eps, scale_by_std=False)
+    return centred * (group_size / (group_size - 1))
+
+
+ESTIMATORS: dict[str, Callable[[torch.Tensor, int, float], torch.Tensor]] = {
+    "grpo": grpo, "dr-grpo": dr_grpo, "rloo": rloo,
+}
+
+
+def with_advantages(groups: Sequence[pa.RecordBatch], estimator: str = "grpo", eps: float = 1e-6) -> pa.Table:
+    """The groups as one table with an `advantage` column, each group's rows estimated together."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
+    sizes = {g.num_rows for g in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"every record batch must hold one group of equal size; sizes {sorted(sizes)}")
+    table = pa.Table.from_batches(list(groups))
+    rewards = torch.tensor(table.column("reward").to_pylist(), dtype=torch.float32)
+    advantages = ESTIMATORS[estimator](rewards, sizes.pop(), eps)
+    return table.append_column("advantage", pa.array(advantages.tolist(), type=pa.float32()))
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:

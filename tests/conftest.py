@@ -13,7 +13,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Nothing downloads at test time, and caches stay inside the checkout (CPU_STACK.md gotchas 1 and 7).
+# Nothing downloads at test time, and caches stay inside the checkout (docs/cpu-stack.md #1 and #7).
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

@@ -16,8 +16,8 @@ import torch
 
 from actors.config import EngineConfig, SamplingConfig
 from actors.trajectory import Trajectory, to_record_batch
-from learner.advantages import with_advantages
 from learner.config import GRPOConfig, LearnerConfig
+from learner.grpo import with_advantages
 from learner.learner_actor import LearnerGroup
 
 pytestmark = pytest.mark.slow

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from actors.trajectory import Trajectory, to_record_batch
-from learner.advantages import with_advantages
 from learner.batch import TrainBatch, collate
 from learner.checkpoint import export_hf
 from learner.config import GRPOConfig, LearnerConfig
 from learner.engine import LearnerEngine
-from learner.grpo import policy_loss
+from learner.grpo import policy_loss, with_advantages
 from learner.logprobs import token_logprobs
 from tests.trajectories import random_groups
 

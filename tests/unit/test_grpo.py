@@ -295,3 +295,31 @@ def test_clipped_tokens_get_no_gradient() -> None:
     loss.backward()
     assert logprobs.grad[0, 0] == 0.0 and logprobs.grad[1, 0] == 0.0
     assert logprobs.grad[0, 1] != 0.0 and logprobs.grad[1, 1] != 0.0
+
+
+def test_advantage_estimators_by_hand() -> None:
+    """grpo, dr-grpo and rloo on two groups of three, against values computed by hand."""
+    from learner.grpo import ESTIMATORS
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.2, 0.2])
+    first = torch.tensor([0.5, -0.5, 0.0])  # r - mean of [1, 0, 0.5]; its std is 0.5
+    torch.testing.assert_close(ESTIMATORS["dr-grpo"](rewards, 3, 1e-6)[:3], first)
+    torch.testing.assert_close(ESTIMATORS["grpo"](rewards, 3, 1e-6)[:3], first / (0.5 + 1e-6))
+    # rloo: 1 - mean(0, 0.5) = 0.75, 0 - mean(1, 0.5) = -0.75, 0.5 - mean(1, 0) = 0
+    torch.testing.assert_close(ESTIMATORS["rloo"](rewards, 3, 1e-6)[:3], torch.tensor([0.75, -0.75, 0.0]))
+    for name in ESTIMATORS:  # a group whose rewards are all equal teaches nothing
+        assert ESTIMATORS[name](rewards, 3, 1e-6)[3:].abs().max() < 1e-6, name
+
+
+def test_with_advantages_adds_the_column_group_by_group() -> None:
+    import pyarrow as pa
+
+    from learner.grpo import with_advantages
+
+    groups = [pa.RecordBatch.from_pydict({"reward": [1.0, 0.0]}), pa.RecordBatch.from_pydict({"reward": [3.0, 3.0]})]
+    table = with_advantages(groups, "dr-grpo")
+    assert table.column("advantage").to_pylist() == [0.5, -0.5, 0.0, 0.0]
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        with_advantages(groups, "ppo")
+    with pytest.raises(ValueError, match="equal size"):
+        with_advantages([groups[0], pa.RecordBatch.from_pydict({"reward": [1.0]})])
