@@ -156,9 +156,12 @@ class RolloutEngine:
         """Call `method` of every engine worker (our extension's methods included); one result per worker."""
         return await self._llm.collective_rpc(method, args=args, kwargs=kwargs)
 
-    async def reset_prefix_cache(self) -> bool:
-        """Drop cached KV blocks computed with old weights; False if running requests kept it from resetting."""
-        return await self._llm.reset_prefix_cache()
+    async def reset_prefix_cache(self) -> None:
+        """Drop every KV block computed with the old weights. Running requests are preempted and re-prefilled with the
+        new ones (without that, vLLM refuses to reset while any request runs, and new requests would reuse stale
+        prefixes); raises if the engine still could not reset."""
+        if not await self._llm.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError("vLLM did not reset its prefix cache after a weight update")
 
     def shutdown(self) -> None:
         """Stop the engine-core process and free its memory (idempotent)."""

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from actors.config import RolloutConfig
@@ -93,8 +93,28 @@ class JobConfig(BaseModel):
         """The learner config the job runs: it scores tokens at the temperature they were sampled at and picks its
         ratio denominator from the sampling (a copy: the job config keeps 'unset' and 'auto' as the user wrote)."""
         sampling = self.rollout.sampling
-        grpo = self.learner.grpo.resolved(sampling.temperature, sampling.top_p, sampling.top_k)
+        grpo = self.learner.grpo.resolved(sampling.temperature, sampling.top_p, sampling.top_k,
+                                          self.trainer.max_staleness)
         return self.learner.model_copy(update={"grpo": grpo})
+
+    @model_validator(mode="after")
+    def _objective_matches_sampling(self) -> JobConfig:
+        """Refuse ratio denominators that would divide tempered by untempered logprobs: vLLM returns the raw
+        (temperature-1, unfiltered) logprob of each sampled token."""
+        sampling, grpo = self.rollout.sampling, self.learner.grpo.resolved(
+            self.rollout.sampling.temperature, self.rollout.sampling.top_p, self.rollout.sampling.top_k,
+            self.trainer.max_staleness)
+        plain = grpo.logit_temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k <= 0
+        if plain:
+            return self
+        if grpo.old_logprobs == "behaviour":
+            raise ValueError("learner.grpo.old_logprobs=behaviour with temperature != 1 or top-p/top-k sampling "
+                             "divides tempered by vLLM's untempered logprobs; use 'recompute' (or 'auto')")
+        if grpo.decoupled:
+            raise ValueError("the decoupled objective (trainer.max_staleness > 0) needs the sampler's own logprobs, "
+                             "but vLLM returns untempered ones: sample at temperature 1 without top-p/top-k, or set "
+                             "trainer.max_staleness=0")
+        return self
 
     def resolved_run_dir(self) -> Path:
         """run_dir, or runs/<name>-<timestamp> when unset."""

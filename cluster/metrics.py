@@ -28,6 +28,8 @@ def batch_metrics(groups: list[pa.RecordBatch], policy_version: int) -> dict[str
         "reward", "format_valid", "f1", "em", "num_searches", "num_turns", "generated_tokens", "truncated",
         "retrieval_errors", "generation_seconds", "retrieval_seconds", "policy_version")}
     lengths = np.array([len(r) for r in table.column("response_ids").to_pylist()])
+    # A search written in the last allowed turn is neither run nor counted: this says how often that happened.
+    turn_cap = np.array([reason == "max_turns" for reason in table.column("end_reason").to_pylist()])
     staleness = policy_version - col["policy_version"]
     return {
         "reward/mean": float(col["reward"].mean()), "reward/std": float(col["reward"].std()),
@@ -35,7 +37,7 @@ def batch_metrics(groups: list[pa.RecordBatch], policy_version: int) -> dict[str
         "reward/em": float(col["em"].mean()),
         "rollout/response_length": float(lengths.mean()), "rollout/generated_tokens": float(col["generated_tokens"].sum()),
         "rollout/searches": float(col["num_searches"].mean()), "rollout/turns": float(col["num_turns"].mean()),
-        "rollout/truncated": float(col["truncated"].mean()), "rollout/retrieval_errors": float(col["retrieval_errors"].sum()),
+        "rollout/truncated": float(col["truncated"].mean()), "rollout/ended_at_turn_cap": float(turn_cap.mean()), "rollout/retrieval_errors": float(col["retrieval_errors"].sum()),
         "rollout/generation_seconds": float(col["generation_seconds"].mean()),
         "rollout/retrieval_seconds": float(col["retrieval_seconds"].mean()),
         "staleness/mean": float(staleness.mean()), "staleness/max": float(staleness.max()),

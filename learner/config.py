@@ -28,6 +28,15 @@ class GRPOConfig(BaseModel):
         None, gt=0.0, description="Logits are divided by it before every log-softmax (policy, old, reference); "
         "None = the rollout's sampling temperature in a job (1.0 when sampling is greedy), 1.0 alone.",
     )
+    entropy_coef: float = Field(
+        0.001, ge=0.0, description="Weight of the entropy bonus (loss -= entropy_coef * entropy); 0.001 is the "
+        "reference's (verl's actor.entropy_coeff, which its train script does not override).",
+    )
+    decoupled: bool | None = Field(
+        None, description="The decoupled objective for stale data (AReaL): clip against the recomputed proximal "
+        "logprobs and weight each token by pi_prox / pi_behaviour. None = on exactly when a job generates ahead "
+        "(trainer.max_staleness > 0) and recomputes old logprobs.",
+    )
     old_logprobs: Literal["auto", "behaviour", "recompute"] = Field(
         "auto", description="Denominator of the importance ratio: the sampler's logprobs ('behaviour'), or the "
         "learner's own before the update ('recompute', as verl does: one more forward). auto = behaviour when "
@@ -45,9 +54,10 @@ class GRPOConfig(BaseModel):
         assumes no top-p/top-k: a job resolves it with its sampling, see `resolved`)."""
         return self.resolved(self.logit_temperature, 1.0, -1).old_logprobs == "recompute"
 
-    def resolved(self, sampling_temperature: float, top_p: float, top_k: int) -> GRPOConfig:
+    def resolved(self, sampling_temperature: float, top_p: float, top_k: int, max_staleness: int = 0) -> GRPOConfig:
         """A copy for a run that samples this way: temperature unset -> the sampling temperature (1.0 when greedy),
-        old_logprobs auto -> behaviour only when vLLM's raw logprobs are the sampler's (T = 1, no top-p/top-k)."""
+        old_logprobs auto -> behaviour only when vLLM's raw logprobs are the sampler's (T = 1, no top-p/top-k),
+        decoupled unset -> on when stale data (max_staleness > 0) meets recomputed old logprobs."""
         temperature = self.temperature
         if temperature is None:
             temperature = sampling_temperature if sampling_temperature > 0 else 1.0
@@ -55,7 +65,11 @@ class GRPOConfig(BaseModel):
         if old_logprobs == "auto":
             plain = temperature == 1.0 and top_p == 1.0 and top_k <= 0
             old_logprobs = "behaviour" if plain else "recompute"
-        return self.model_copy(update={"temperature": temperature, "old_logprobs": old_logprobs})
+        decoupled = self.decoupled
+        if decoupled is None:
+            decoupled = max_staleness > 0 and old_logprobs == "recompute"
+        return self.model_copy(update={"temperature": temperature, "old_logprobs": old_logprobs,
+                                       "decoupled": decoupled})
 
 
 class LearnerConfig(BaseModel):
@@ -71,7 +85,9 @@ class LearnerConfig(BaseModel):
     lr: float = Field(1e-6, gt=0.0, description="Peak learning rate of AdamW.")
     lr_schedule: Literal["constant", "warmup"] = Field("constant", description="Constant, or linear warm-up then constant.")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warm-up.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    weight_decay: float = Field(
+        0.01, ge=0.0, description="AdamW weight decay; 0.01 is the reference's (verl's AdamW default, not overridden)."
+    )
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward per rank.")

@@ -33,7 +33,7 @@ from learner.grpo import policy_loss
 from learner.logprobs import batch_logprobs, token_logprobs
 
 # Token-weighted metrics summed over micro-batches and ranks, then divided by the token count.
-_TOKEN_METRICS = ("clip_fraction", "approx_kl", "ref_kl", "entropy")
+_TOKEN_METRICS = ("clip_fraction_binding", "clip_fraction_ratio", "approx_kl", "ref_kl", "entropy", "behaviour_weight")
 
 
 class LearnerEngine:
@@ -118,12 +118,14 @@ class LearnerEngine:
             micro = batch.rows(micro_start, micro_stop).to(self.device)
             ref_logprobs = self.reference.logprobs(micro) if self.reference is not None else None
             logprobs, entropy = token_logprobs(self.engine, micro.input_ids, micro.attention_mask, with_entropy=True,
-                                               temperature=grpo.logit_temperature)
+                                               temperature=grpo.logit_temperature, entropy_grad=grpo.entropy_coef > 0)
             loss, metrics = policy_loss(
                 logprobs, old_logprobs[micro_start:micro_stop, : logprobs.shape[1]].to(self.device),
                 micro.advantages, micro.loss_mask, clip=grpo.clip, agg=grpo.agg, ref_logprobs=ref_logprobs,
                 kl_coef=grpo.kl_coef, clip_high=grpo.clip_high, kl_estimator=grpo.kl_estimator, entropy=entropy,
-                max_length=batch.max_response_length,
+                max_length=batch.max_response_length, entropy_coef=grpo.entropy_coef,
+                # the decoupled objective: old_logprobs are the recomputed proximal ones, corrected to the sampler
+                behaviour_logprobs=micro.behaviour_logprobs if grpo.decoupled else None,
             )
             tokens = float(micro.loss_mask.sum())
             # Sequence-level aggregations average over the micro-batch's rows, padding rows included (they add 0).
@@ -142,7 +144,7 @@ class LearnerEngine:
             local = reduced.cpu()
         result = {"loss": float(local[0]), "policy_loss": float(local[0] - local[1]), "kl_loss": float(local[1])}
         for i, name in enumerate(_TOKEN_METRICS, start=2):
-            if name != "ref_kl" or self.reference is not None:
+            if (name != "ref_kl" or self.reference is not None) and (name != "behaviour_weight" or grpo.decoupled):
                 result[name] = float(local[i]) / max(global_tokens, 1.0)
         return result
 

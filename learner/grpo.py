@@ -12,11 +12,16 @@ Nothing here knows about search, tags or prompts.
 
 Conventions follow TRL 1.16 `GRPOTrainer` (the parity peer of tests/unit/test_grpo_parity.py):
 - the group std is the unbiased (Bessel-corrected) one, as in TRL's `nanstd` and verl's `torch.std`;
-- "k3" KL is not clamped, and neither is the ratio (TRL clamps neither; verl clamps both);
+- the ratio is not clamped (TRL does not; verl's dual clip is left out), but the k3 KL estimate is clamped to
+  [-10, 10] as the ReSearch reference (verl) does;
 - a sequence whose mask is all zero contributes zero loss but still counts in the number of sequences, so the
   per-sequence modes divide by the constant batch size (TRL; verl 0.9.1 instead leaves such rows out).
-Left out on purpose: dual-clip PPO (verl's clip_ratio_c), sequence-level ratios (GSPO) and an entropy bonus;
-the paper uses none of them.
+- the entropy bonus is the reference's: loss -= entropy_coef * aggregated entropy (verl's entropy_coeff, 0.001).
+Left out on purpose: dual-clip PPO (verl's clip_ratio_c) and sequence-level ratios (GSPO); the paper uses neither.
+
+Off-policy data (max_staleness > 0) with recomputed old logprobs uses the decoupled objective (AReaL): the clipped
+ratio is taken against the recomputed *proximal* logprobs, and each token's loss is weighted by the behaviour
+importance weight pi_prox / pi_behaviour (no gradient), which corrects for the stale sampler.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k3")
+K3_CLAMP = 10.0
+"""verl (and so the ReSearch reference) clamps the k3 estimate to [-K3_CLAMP, K3_CLAMP] per token."""
 
 
 def group_advantages(
@@ -93,7 +100,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     if estimator == "k3":
         # Schulman's k3: unbiased like k1 but never negative, so single tokens cannot push the KL term below 0.
         log_ratio = ref_logprobs - logprobs
-        return torch.exp(log_ratio) - log_ratio - 1
+        return torch.clamp(torch.exp(log_ratio) - log_ratio - 1, -K3_CLAMP, K3_CLAMP)
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
@@ -140,14 +147,19 @@ def policy_loss(
     kl_estimator: str = "k3",
     entropy: torch.Tensor | None = None,
     max_length: int | None = None,
+    entropy_coef: float = 0.0,
+    behaviour_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO loss: clipped surrogate on the ratio to the old policy (the behaviour policy's logprobs, or the learner's
-    recomputed ones), plus kl_coef * KL to the reference.
+    recomputed ones), plus kl_coef * KL to the reference, minus entropy_coef * entropy.
 
+    With `behaviour_logprobs` (the decoupled objective), `old_logprobs` are the proximal policy's and every token's
+    surrogate is weighted by exp(old - behaviour), without gradient.
     Returns the scalar loss to minimise and float metrics: policy_loss, kl_loss (kl_coef times the aggregated
-    KL, 0 when not applied), clip_fraction, approx_kl (k3 estimate of KL(old || current), i.e. the
-    masked mean of (ratio - 1) - log(ratio), as CleanRL logs it), and, when their inputs are given, ref_kl
-    (masked token mean of the chosen estimator) and entropy (masked token mean).
+    KL, 0 when not applied), clip_fraction_binding (tokens whose clipped surrogate was the one used: verl's
+    pg_clipfrac), clip_fraction_ratio (tokens with |ratio - 1| > clip: CleanRL's clipfrac), approx_kl (k3 estimate
+    of KL(old || current), as CleanRL logs it), and, when their inputs are given, ref_kl (masked token mean of the
+    chosen estimator), entropy (masked token mean), entropy_loss and behaviour_weight (its masked mean).
     """
     if not (logprobs.shape == old_logprobs.shape == mask.shape) or logprobs.dim() != 2:
         raise ValueError(
@@ -156,6 +168,8 @@ def policy_loss(
         )
     if agg not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {agg!r}; expected one of {AGGREGATIONS}")
+    if entropy_coef > 0 and (entropy is None or not entropy.requires_grad):
+        raise ValueError("an entropy bonus needs the entropy with its gradient")
     mask = mask.bool()
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)  # one advantage per sequence, shared by all its tokens
@@ -169,6 +183,10 @@ def policy_loss(
     clipped_surrogate = -advantages * clipped_ratio
     # The pessimistic (larger) loss of the two: the update gains nothing by moving the ratio past the clip.
     per_token_loss = torch.maximum(surrogate, clipped_surrogate)
+    behaviour_weight = None
+    if behaviour_logprobs is not None:
+        behaviour_weight = torch.exp(old_logprobs - behaviour_logprobs).detach()
+        per_token_loss = per_token_loss * behaviour_weight
     pg_loss = aggregate(per_token_loss, mask, agg, max_length)
 
     loss = pg_loss
@@ -178,17 +196,26 @@ def policy_loss(
         ref_kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
         if kl_coef > 0:
             kl_loss = kl_coef * aggregate(ref_kl, mask, agg, max_length)
-            loss = pg_loss + kl_loss
+            loss = loss + kl_loss
+    entropy_loss = None
+    if entropy_coef > 0:
+        entropy_loss = -entropy_coef * aggregate(entropy, mask, agg, max_length)
+        loss = loss + entropy_loss
 
     with torch.no_grad():
         metrics = {
             "policy_loss": pg_loss.item(),
             "kl_loss": kl_loss.item(),
-            "clip_fraction": masked_mean((clipped_surrogate > surrogate).float(), mask).item(),
+            "clip_fraction_binding": masked_mean((clipped_surrogate > surrogate).float(), mask).item(),
+            "clip_fraction_ratio": masked_mean(((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float(), mask).item(),
             "approx_kl": masked_mean(kl_penalty(old_logprobs, logprobs, "k3"), mask).item(),
         }
         if ref_kl is not None:
             metrics["ref_kl"] = masked_mean(ref_kl, mask).item()
         if entropy is not None:
             metrics["entropy"] = masked_mean(entropy, mask).item()
+        if entropy_loss is not None:
+            metrics["entropy_loss"] = entropy_loss.item()
+        if behaviour_weight is not None:
+            metrics["behaviour_weight"] = masked_mean(behaviour_weight, mask).item()
     return loss, metrics

@@ -19,8 +19,10 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     with_entropy: bool = False,
     temperature: float = 1.0,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logprob of each next token at `temperature`, (B, T-1) in fp32, and optionally the entropy at each position."""
+    """Logprob of each next token at `temperature`, (B, T-1) in fp32, and optionally the entropy at each position
+    (with its gradient when `entropy_grad`: an entropy bonus)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     if temperature != 1.0:
         logits.div_(temperature)  # in place: a second (B, T, vocab) fp32 copy is GBs at a 151k vocabulary
@@ -29,7 +31,7 @@ def token_logprobs(
     logprobs = torch.gather(logits, -1, targets).squeeze(-1) - logsumexp
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
     valid = attention_mask[:, 1:].bool()
     return torch.where(valid, logprobs, 0.0), entropy

@@ -68,7 +68,7 @@ def test_two_rank_zero3_equals_one_rank(ray_cluster, policy_path: str, one_rank:
     try:
         metrics = group.train_step(trajectory_groups())
         # Each rank scored its own rows as the old policy: the one update starts exactly on-policy.
-        assert metrics["clip_fraction"] == 0.0 and abs(metrics["approx_kl"]) < 1e-6
+        assert metrics["clip_fraction_binding"] == 0.0 and abs(metrics["approx_kl"]) < 1e-6
         assert_same_update(one_rank, metrics, group)
     finally:
         group.shutdown()

@@ -135,7 +135,7 @@ def test_loss_goes_down_on_a_fixed_batch(learner: LearnerEngine, policy_path: st
     history = [learner.train_step(batch) for _ in range(5)]
     losses = [m["loss"] for m in history]
     assert losses[-1] < losses[0] - 0.05, losses
-    assert history[0]["clip_fraction"] == 0.0 and abs(history[0]["approx_kl"]) < 1e-6
+    assert history[0]["clip_fraction_binding"] == 0.0 and abs(history[0]["approx_kl"]) < 1e-6
     assert history[0]["ref_kl"] < 1e-6 < history[-1]["ref_kl"]
     for key in ("grad_norm", "entropy", "kl_loss", "policy_loss", "reward_mean"):
         assert key in history[0]
@@ -171,13 +171,13 @@ def test_sampling_temperature_scores_and_recomputed_old_logprobs(policy_path: st
 
     first = engine.train_step(batch)
     # Mini-batch 1 is exactly on-policy (ratio 1, the reference equals the policy); mini-batch 2 follows one update.
-    assert first["clip_fraction"] < 0.5
+    assert first["clip_fraction_binding"] < 0.5
     behaviour_config = config.model_copy(update={"grpo": GRPOConfig(temperature=0.7, old_logprobs="behaviour")})
     stale = LearnerEngine(behaviour_config, policy_path).train_step(batch)
-    assert stale["clip_fraction"] > first["clip_fraction"]
+    assert stale["clip_fraction_binding"] > first["clip_fraction_binding"]
 
     single = LearnerEngine(config.model_copy(update={"mini_batches": 1}), policy_path).train_step(batch)
-    assert single["clip_fraction"] == 0.0 and abs(single["approx_kl"]) < 1e-6 and single["ref_kl"] < 1e-6
+    assert single["clip_fraction_binding"] == 0.0 and abs(single["approx_kl"]) < 1e-6 and single["ref_kl"] < 1e-6
 
 
 def test_zero3_builds_the_model_partitioned_and_only_inside_the_block(policy_path: str) -> None:

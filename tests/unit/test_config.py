@@ -135,3 +135,26 @@ def test_learner_temperature_and_ratio_denominator_follow_sampling() -> None:
     assert config.learner.grpo.temperature is None and config.learner.grpo.old_logprobs == "auto"
     changed = JobConfig.model_validate({**config.model_dump(), "rollout": {"sampling": {"temperature": 0.5}}})
     assert changed.resolved_learner().grpo.temperature == 0.5
+
+
+def test_ratio_denominators_that_mix_tempered_and_untempered_logprobs_are_refused() -> None:
+    """vLLM returns untempered logprobs: 'behaviour' and the decoupled weight are only right at plain sampling."""
+    with pytest.raises(ConfigError, match="old_logprobs=behaviour"):
+        load_config("test-tiny", ["rollout.sampling.temperature=0.7", "learner.grpo.old_logprobs=behaviour"])
+    with pytest.raises(ConfigError, match="decoupled objective"):
+        load_config("test-tiny", ["rollout.sampling.top_p=0.9", "trainer.max_staleness=1"])
+    # Plain sampling with stale data: the decoupled objective is switched on when old logprobs are recomputed.
+    grpo = load_config("test-tiny", ["trainer.max_staleness=1", "learner.grpo.old_logprobs=recompute"]
+                       ).resolved_learner().grpo
+    assert grpo.decoupled is True
+    assert load_config("test-tiny", ["trainer.max_staleness=1"]).resolved_learner().grpo.decoupled is False
+    assert load_config("test-tiny", ["learner.grpo.old_logprobs=recompute"]).resolved_learner().grpo.decoupled is False
+
+
+def test_paper_presets_follow_the_reference_regularisers() -> None:
+    """Entropy bonus 0.001 and AdamW weight decay 0.01 are what the ReSearch reference runs with (verl defaults)."""
+    for name in ("qwen2.5-7b-instruct", "qwen2.5-7b-base", "qwen2.5-32b-instruct"):
+        config = load_config(name)
+        assert config.learner.grpo.entropy_coef == 0.001 and config.learner.weight_decay == 0.01
+        assert config.rollout.sampling.max_turns is None  # the reference has no turn limit
+        assert config.learner.grpo.old_logprobs == "recompute"  # bf16 vLLM and learner logprobs differ on GPUs

@@ -151,7 +151,7 @@ def test_clipped_surrogate_by_hand() -> None:
     loss, metrics = policy_loss(logprobs, old_logprobs, ADVANTAGES, torch.ones(2, 2), clip=0.2)
     # Per-token losses: max(-1.5, -1.2) = -1.2 (clipped), -1.1, max(0.5, 0.8) = 0.8 (clipped), 0.9.
     _close(loss, (-1.2 - 1.1 + 0.8 + 0.9) / 4)
-    _close(metrics["clip_fraction"], 0.5)
+    _close(metrics["clip_fraction_binding"], 0.5)
     _close(metrics["policy_loss"], loss.item())
     _close(metrics["kl_loss"], 0.0)
     approx_kl = sum(r - 1 - math.log(r) for r in (1.5, 1.1, 0.5, 0.9)) / 4
@@ -164,7 +164,7 @@ def test_asymmetric_clip_high() -> None:
     loss, metrics = policy_loss(logprobs, old_logprobs, ADVANTAGES, torch.ones(2, 2), clip=0.2, clip_high=0.6)
     # 1.5 is inside [0.8, 1.6] now; 0.5 is still below 0.8.
     _close(loss, (-1.5 - 1.1 + 0.8 + 0.9) / 4)
-    _close(metrics["clip_fraction"], 0.25)
+    _close(metrics["clip_fraction_binding"], 0.25)
 
 
 def test_clip_fraction_counts_only_the_pessimistic_side() -> None:
@@ -172,11 +172,51 @@ def test_clip_fraction_counts_only_the_pessimistic_side() -> None:
     old_logprobs = torch.zeros(1, 4)
     logprobs = torch.tensor([[1.5, 0.5, 1.0, 0.85]]).log()
     _, metrics = policy_loss(logprobs, old_logprobs, torch.tensor([1.0]), torch.ones(1, 4), clip=0.2)
-    assert metrics["clip_fraction"] == 0.25
+    assert metrics["clip_fraction_binding"] == 0.25
     _, metrics = policy_loss(logprobs, old_logprobs, torch.tensor([-1.0]), torch.ones(1, 4), clip=0.2)
-    assert metrics["clip_fraction"] == 0.25
+    assert metrics["clip_fraction_binding"] == 0.25
     _, metrics = policy_loss(logprobs, old_logprobs, torch.tensor([0.0]), torch.ones(1, 4), clip=0.2)
-    assert metrics["clip_fraction"] == 0.0
+    assert metrics["clip_fraction_binding"] == 0.0
+    # CleanRL's clipfrac counts every ratio outside [0.8, 1.2] whichever side binds: 1.5 and 0.5.
+    assert metrics["clip_fraction_ratio"] == 0.5
+
+
+def test_k3_is_clamped_like_the_reference() -> None:
+    """verl clamps the low-variance KL per token to [-10, 10]; without it one token could dominate the KL term."""
+    logprobs, ref = torch.tensor([[0.0, 0.0]]), torch.tensor([[-0.1, 20.0]])
+    k3 = kl_penalty(logprobs, ref, "k3")
+    _close(k3[0, 0], math.exp(-0.1) + 0.1 - 1)
+    assert k3[0, 1].item() == 10.0
+
+
+def test_entropy_bonus_lowers_the_loss_by_coef_times_entropy() -> None:
+    logprobs, old_logprobs = _hand_case()
+    entropy = torch.tensor([[2.0, 1.0], [0.5, 0.5]], requires_grad=True)
+    plain, _ = policy_loss(logprobs, old_logprobs, ADVANTAGES, torch.ones(2, 2))
+    loss, metrics = policy_loss(logprobs, old_logprobs, ADVANTAGES, torch.ones(2, 2), entropy=entropy,
+                                entropy_coef=0.01)
+    _close(loss, plain.item() - 0.01 * 1.0)  # token mean of the entropy is 1.0
+    _close(metrics["entropy_loss"], -0.01)
+    loss.backward()
+    torch.testing.assert_close(entropy.grad, torch.full((2, 2), -0.01 / 4))
+    with pytest.raises(ValueError, match="entropy with its gradient"):
+        policy_loss(logprobs, old_logprobs, ADVANTAGES, torch.ones(2, 2), entropy=entropy.detach(), entropy_coef=0.01)
+
+
+def test_decoupled_objective_by_hand() -> None:
+    """AReaL's decoupled PPO: clip against the proximal policy, weight by pi_prox / pi_behaviour (no gradient)."""
+    logprobs, proximal = _hand_case()  # ratios to the proximal policy: 1.5, 1.1 / 0.5, 0.9
+    weights = torch.tensor([[2.0, 0.5], [1.0, 0.25]])
+    behaviour = proximal - weights.log()
+    logprobs.requires_grad_(True)
+    loss, metrics = policy_loss(logprobs, proximal, ADVANTAGES, torch.ones(2, 2), behaviour_logprobs=behaviour)
+    # The clipped per-token losses of the plain case, -1.2, -1.1, 0.8, 0.9, each times its behaviour weight.
+    _close(loss, (-1.2 * 2.0 - 1.1 * 0.5 + 0.8 * 1.0 + 0.9 * 0.25) / 4)
+    _close(metrics["behaviour_weight"], (2.0 + 0.5 + 1.0 + 0.25) / 4)
+    loss.backward()
+    # Clipped tokens get no gradient; an unclipped one gets -A * ratio * weight / 4 (d ratio / d logp = ratio).
+    expected = torch.tensor([[0.0, -1.0 * 1.1 * 0.5 / 4], [0.0, 1.0 * 0.9 * 0.25 / 4]])
+    torch.testing.assert_close(logprobs.grad, expected)
 
 
 def test_per_token_advantages_equal_broadcast_ones() -> None:
@@ -284,7 +324,7 @@ def test_gradient_descent_moves_logprob_with_the_advantage_sign(advantage: float
 def test_on_policy_step_has_no_clipping_and_no_kl() -> None:
     logprobs, _, _, advantages, mask = _random_batch(seed=1)
     _, metrics = policy_loss(logprobs, logprobs.clone(), advantages, mask)
-    assert metrics["clip_fraction"] == 0.0
+    assert metrics["clip_fraction_binding"] == 0.0
     assert metrics["approx_kl"] == 0.0
 
 

@@ -12,7 +12,7 @@ back our random log-probabilities instead of running a model. Equivalent setting
     kl_coef, kl_estimator="k3"              beta (TRL's KL is always k3, unclamped; verl calls it "low_var_kl")
     group_advantages(eps=1e-4)              scale_rewards="group" (TRL adds a fixed 1e-4 to the std)
     group_advantages(scale_by_std=False)    scale_rewards="none"
-    metrics clip_fraction, ref_kl, entropy  clip_ratio/region_mean, kl, entropy
+    metrics clip_fraction_binding, ref_kl, entropy  clip_ratio/region_mean, kl, entropy
 
 TRL computes group advantages inline in `_generate_and_score_completions`, which cannot run without generation;
 the advantage check uses TRL's `nanstd` (its Bessel-corrected group std) with the composition written there.
@@ -190,8 +190,8 @@ def test_policy_loss_matches_trl(
 
     torch.testing.assert_close(ours, peer, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours_logprobs.grad, peer_logprobs.grad, atol=1e-6, rtol=0)
-    assert 0.0 < metrics["clip_fraction"] < 1.0
-    assert metrics["clip_fraction"] == pytest.approx(logged["clip_ratio/region_mean"], abs=1e-6)
+    assert 0.0 < metrics["clip_fraction_binding"] < 1.0
+    assert metrics["clip_fraction_binding"] == pytest.approx(logged["clip_ratio/region_mean"], abs=1e-6)
     assert metrics["entropy"] == pytest.approx(logged["entropy"], abs=1e-6)
     if kl_coef > 0:
         assert metrics["ref_kl"] == pytest.approx(logged["kl"], abs=1e-6)
