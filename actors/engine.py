@@ -100,6 +100,7 @@ class RolloutEngine:
         self.startup_seconds = time.perf_counter() - started
         self.max_model_len = self._llm.model_config.max_model_len
         self.eos_token_id: int | None = self.tokenizer.eos_token_id
+        self._running: set[str] = set()
 
     @property
     def tokenizer(self) -> Any:
@@ -131,11 +132,14 @@ class RolloutEngine:
             logprobs=0,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        final = None
-        async for output in self._llm.generate(
-            TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id=uuid.uuid4().hex
-        ):
-            final = output
+        final, request_id = None, uuid.uuid4().hex
+        self._running.add(request_id)
+        try:
+            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
+                                                   request_id=request_id):
+                final = output
+        finally:
+            self._running.discard(request_id)
         if final is None or not final.outputs:
             raise RuntimeError("vLLM returned no output for a generation request")
         completion = final.outputs[0]
@@ -151,6 +155,13 @@ class RolloutEngine:
             stop_reason=completion.stop_reason,
             text=completion.text,
         )
+
+    async def abort_all(self) -> int:
+        """Abort every generation in flight (they finish with reason 'abort'); returns how many there were."""
+        running = list(self._running)
+        if running:
+            await self._llm.abort(running)
+        return len(running)
 
     async def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
         """Call `method` of every engine worker (our extension's methods included); one result per worker."""

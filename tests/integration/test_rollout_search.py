@@ -228,3 +228,29 @@ def test_sampled_policy_varies_searches_and_logprobs_are_the_chain_probabilities
         if t.finished:
             assert t.format_valid and t.reward == pytest.approx(1.0)
     assert len({t.num_searches for t in trajectories}) > 1
+
+
+def test_an_aborted_generation_raises_instead_of_being_scored_as_finished(
+    actor: Any, load_policy: Any, tiny_dir: Path, run: Any
+) -> None:
+    """vLLM's 'abort' (and any reason but EOS, a stop string or the budget) must not pass for EOS: the driver
+    requeues the prompt instead."""
+    import asyncio
+
+    from transformers import AutoModelForCausalLM
+
+    from actors.rollout import UnfinishedGeneration
+
+    tokenizer = actor.engine.tokenizer
+    load_policy(AutoModelForCausalLM.from_pretrained(tiny_dir), 108)  # random weights: it writes to its budget
+    sampling = SamplingConfig(temperature=1.0, seed=5, max_response_tokens=1500)
+
+    async def abort_while_generating() -> Any:
+        task = asyncio.ensure_future(run_trajectory(actor.engine, search(actor.client), question(tokenizer), sampling))
+        while not actor.engine._running:
+            await asyncio.sleep(0.005)
+        assert await actor.engine.abort_all() == 1
+        return await task
+
+    with pytest.raises(UnfinishedGeneration, match="'abort'"):
+        run(abort_while_generating())
