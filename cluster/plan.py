@@ -284,23 +284,26 @@ def learner_breakdown(shape: LearnerShape, micro_batch: int) -> tuple[dict[str, 
         parts["reference policy"] = p * n_params / (w if stage == 3 else 1)
     parts["runtime"] = RUNTIME_BYTES
 
-    tokens = micro_batch * shape.seq_len
-    per_layer = layer_activation_bytes_per_token(a, p) * tokens
-    edges = 12 * a.hidden * tokens + micro_batch * shape.seq_len**2  # final norm + the padded batch's bool mask
+    tokens, mask = micro_batch * shape.seq_len, micro_batch * shape.seq_len**2
+    # SDPA turns the padded batch's boolean mask into an additive one per call and saves it: p bytes per T^2 entry.
+    per_layer = layer_activation_bytes_per_token(a, p) * tokens + p * mask
+    edges = 12 * a.hidden * tokens + mask  # final norm + the boolean (B, 1, T, T) mask, shared by the layers
     full = a.layers * per_layer + edges
     checkpointed_inputs = a.layers * p * a.hidden * tokens + edges
     chunk = tokens if shape.chunk_tokens is None else min(shape.chunk_tokens, tokens)
     logprobs = LOGPROB_COPIES * chunk * a.vocab * 4
+    # Backward holds a layer's activation gradients while that layer's saved tensors are alive: one more layer.
     if shape.checkpointing:
         parts["activations (checkpointed layer inputs)"] = checkpointed_inputs
-        parts["activations (one layer recomputed)"] = per_layer
-        dynamic = checkpointed_inputs + max(per_layer, logprobs)
+        parts["activations (one layer recomputed + its gradients)"] = 2 * per_layer
+        dynamic = checkpointed_inputs + max(2 * per_layer, logprobs)
     else:
-        parts["activations"] = full
-        dynamic = full + logprobs
+        parts["activations (all layers)"] = full
+        parts["activation gradients (one layer)"] = per_layer
+        dynamic = full + per_layer + logprobs
     parts["log-probs"] = logprobs
-    static = sum(v for k, v in parts.items() if not k.startswith(("activations", "log-probs")))
-    figures = {"without_checkpointing": full, "with_checkpointing": checkpointed_inputs + per_layer}
+    static = sum(v for k, v in parts.items() if not k.startswith(("activation", "log-probs")))
+    figures = {"without_checkpointing": full + per_layer, "with_checkpointing": checkpointed_inputs + 2 * per_layer}
     return parts, static + dynamic, figures
 
 
@@ -533,6 +536,12 @@ def format_plan(config: Any, plans: dict[str, RolePlan]) -> str:
     return "\n".join(lines)
 
 
+def _one_line_error(message: str) -> None:
+    """argparse's error, as one line on stderr and exit code 2 like the planner's own errors."""
+    print(f"research plan: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`research plan CONFIG [key=value ...] [--json]`: per-role memory estimates and whether they fit."""
     from cluster.config import ConfigError, load_config
@@ -544,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logprob-chunk-tokens", type=int, default=None, metavar="N",
                         help="plan a learner that scores N tokens at a time (default: learner.logprob_chunk_tokens "
                         "when the config has it, else whole micro-batches)")
-    args = parser.parse_args(argv)
+    parser.error = _one_line_error  # type: ignore[method-assign]
+    args = parser.parse_intermixed_args(argv)
     try:
         if args.logprob_chunk_tokens is not None and args.logprob_chunk_tokens < 1:
             raise PlanError("--logprob-chunk-tokens must be >= 1")
