@@ -223,6 +223,7 @@ class RolePlan:
             "estimate_gib": round(self.estimate / GIB, 3),
             "capacity_gib": round(self.capacity / GIB, 3),
             "fits": self.fits,
+            "headroom_gib": round((self.capacity - self.estimate) / GIB, 3),
             "count": self.count,
             "per": self.per,
             "breakdown_gib": {k: round(v / GIB, 3) for k, v in self.breakdown.items()},
@@ -492,14 +493,22 @@ def plan_retrieval(config: Any) -> RolePlan:
     )
 
 
+TIGHT = 0.9  # an estimate above this share of the capacity leaves little for allocator fragmentation
+
+
 def plan(config: Any, chunk_tokens: int | None = None) -> dict[str, RolePlan]:
     """Every role's plan for a JobConfig."""
     arch = resolve_architecture(config.policy.name_or_path)
-    return {
+    plans = {
         "learner_rank": plan_learner(config, arch, chunk_tokens),
         "rollout_engine": plan_rollout(config, arch),
         "retrieval_replica": plan_retrieval(config),
     }
+    for role in plans.values():
+        if role.fits and role.estimate > TIGHT * role.capacity:
+            role.notes.append(f"tight: the estimate is {role.estimate / role.capacity:.0%} of the capacity, and "
+                              "allocator fragmentation (not counted) may tip it over")
+    return plans
 
 
 def format_plan(config: Any, plans: dict[str, RolePlan]) -> str:
