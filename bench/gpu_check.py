@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import sys
 import time
@@ -205,15 +206,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _deepspeed_step(model: torch.nn.Module, dtype: torch.dtype, args: argparse.Namespace) -> tuple[Any, Any, int]:
     """(step, backward, stage) of a one-process DeepSpeed engine at --zero-stage (DeepSpeed must be installed)."""
     import os
+    import socket
 
     import deepspeed
 
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:  # a one-process group still listens on a port: take a free one
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
-    deepspeed.init_distributed(dist_backend="nccl" if args.device.startswith("cuda") else "gloo")
+    on_cuda = args.device.startswith("cuda")
+    if not on_cuda:  # skip the ~25 s JIT build of DeepSpeed's shared-memory CPU collectives (one process needs none)
+        importlib.import_module("deepspeed.ops").__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": 1,
