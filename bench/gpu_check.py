@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds.append(time.perf_counter() - started)
     shape = LearnerShape(arch=arch, seq_len=prompt + response, zero_stage=zero_stage, world_size=1,
                          p=2 if dtype == torch.bfloat16 else 4, checkpointing=True, reference=False,
-                         chunk_tokens=args.chunk_tokens, on_gpu=device.type == "cuda")
+                         chunk_tokens=args.chunk_tokens)
     parts, estimate, _ = learner_breakdown(shape, args.micro_batch)
     steady = seconds[1:] or seconds
     result: dict[str, Any] = {

@@ -18,16 +18,19 @@ learner rank (one DeepSpeed rank; capacity = gpus_per_rank x hardware.gpu_memory
                       2 RMSNorms x 12h bytes (input, normalised and output; computed in fp32, so the same bytes in
                       bf16: fp32 copies plus the bf16 casts) + p*(5h + 4I) (q after RoPE, k and v repeated to all
                       heads, attention output and its reshaped copy; SwiGLU gate, silu(gate), up, their product).
-                    Attention is SDPA (flash / memory-efficient: no T^2 term), plus the B x T x T boolean mask of a
-                    padded batch and the final norm (12h bytes per token).
-                    Without gradient checkpointing all L layers are saved; with it, each layer's input (p*h per
-                    token) and one layer recomputed in backward.
+                    Attention is SDPA (flash / memory-efficient: no T^2 scores), but SDPA turns a padded batch's
+                    boolean mask into an additive B x T x T one (p bytes per entry) in every layer and saves it.
+                    Once per rank: the boolean mask (B x T x T bytes) and the final norm (12h bytes per token).
+                    Without gradient checkpointing all L layers are saved, plus one layer's worth of activation
+                    gradients in backward; with it, each layer's input (p*h per token) plus one layer recomputed
+                    and its gradients (2 layers' worth).
     log-probs       the (tokens x vocab) fp32 logits of token_logprobs and what backward makes of them: 3 copies
                     (logits, logsumexp's gradient, gather's scattered gradient; entropy's softmax is transient in
                     forward) x chunk x vocab x 4 bytes, chunk = learner.logprob_chunk_tokens when the learner has
                     that field, else the whole micro-batch (this learner scores a micro-batch at once).
                     Without checkpointing the log-prob stage adds to all saved activations (both live at the end
-                    of forward); with it, the peak is the larger of it and one recomputed layer.
+                    of forward); with it, the peak is the larger of it and the recomputed layer with its gradients.
+                    Checked on CPU against real learner steps: bench/plan_check.py, bench/RESULTS.md.
     runtime         1 GiB: CUDA context and NCCL buffers on GPU; the Python/torch process on CPU.
 
 rollout engine (one vLLM engine; on GPU each of its tensor_parallel_size GPUs, capacity = gpu_memory_utilization x
@@ -56,7 +59,10 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster.config import JobConfig
 
 GIB = float(2**30)
 RUNTIME_BYTES = 1.0 * GIB
@@ -258,7 +264,6 @@ class LearnerShape:
     checkpointing: bool
     reference: bool
     chunk_tokens: int | None  # None = whole micro-batch
-    on_gpu: bool
 
 
 def layer_activation_bytes_per_token(arch: Architecture, p: int) -> float:
@@ -321,20 +326,20 @@ def largest_micro_batch(shape: LearnerShape, capacity: float, limit: int = 1 << 
     return low
 
 
-def _seq_len(config: Any) -> int:
+def _seq_len(config: JobConfig) -> int:
     """Longest trajectory the learner sees: prompt + response budget, capped by what the engine admits."""
     rollout = config.rollout
     return min(rollout.max_prompt_tokens + rollout.sampling.max_response_tokens, rollout.engine.max_model_len)
 
 
-def _on_gpu(config: Any) -> bool:
+def _on_gpu(config: JobConfig) -> bool:
     """Whether the GPU roles run on GPUs: device cuda, or auto with a GPU memory stated."""
     if config.device == "cuda":
         return True
     return config.device == "auto" and config.hardware.gpu_memory_gib is not None
 
 
-def _gpu_bytes(config: Any) -> float:
+def _gpu_bytes(config: JobConfig) -> float:
     """Memory of one GPU; a PlanError naming the key to set when the config does not state it."""
     if config.hardware.gpu_memory_gib is None:
         raise PlanError(
@@ -344,13 +349,13 @@ def _gpu_bytes(config: Any) -> float:
     return config.hardware.gpu_memory_gib * GIB
 
 
-def _host_bytes(config: Any) -> float:
+def _host_bytes(config: JobConfig) -> float:
     """RAM of one node: hardware.host_memory_gib, else this machine's."""
     stated = config.hardware.host_memory_gib
     return stated * GIB if stated is not None else host_memory_bytes()
 
 
-def plan_learner(config: Any, arch: Architecture, chunk_tokens: int | None = None) -> RolePlan:
+def plan_learner(config: JobConfig, arch: Architecture, chunk_tokens: int | None = None) -> RolePlan:
     """One learner rank; `chunk_tokens` overrides learner.logprob_chunk_tokens (None = the config's)."""
     learner, on_gpu = config.learner, _on_gpu(config)
     if chunk_tokens is None:
@@ -359,7 +364,7 @@ def plan_learner(config: Any, arch: Architecture, chunk_tokens: int | None = Non
     shape = LearnerShape(
         arch=arch, seq_len=_seq_len(config), zero_stage=learner.zero_stage, world_size=learner.world_size,
         p=dtype_bytes(learner.dtype, on_gpu), checkpointing=learner.gradient_checkpointing,
-        reference=learner.grpo.kl_coef > 0, chunk_tokens=chunk_tokens, on_gpu=on_gpu,
+        reference=learner.grpo.kl_coef > 0, chunk_tokens=chunk_tokens,
     )
     if on_gpu:
         capacity, per = max(learner.gpus_per_rank, 1.0) * _gpu_bytes(config), f"{max(learner.gpus_per_rank, 1):g} GPU"
@@ -388,7 +393,7 @@ def plan_learner(config: Any, arch: Architecture, chunk_tokens: int | None = Non
     )
 
 
-def plan_rollout(config: Any, arch: Architecture) -> RolePlan:
+def plan_rollout(config: JobConfig, arch: Architecture) -> RolePlan:
     """One rollout engine: per GPU of its tensor-parallel group on GPU, its process on CPU."""
     engine, on_gpu = config.rollout.engine, _on_gpu(config)
     p = dtype_bytes(engine.dtype, on_gpu)
@@ -442,7 +447,7 @@ def plan_rollout(config: Any, arch: Architecture) -> RolePlan:
     )
 
 
-def index_size(config: Any, dim: int) -> tuple[int, int, str]:
+def index_size(config: JobConfig, dim: int) -> tuple[int, int, str]:
     """(vectors, bytes per vector, where the count came from) of the retrieval index the job serves."""
     index_dir = config.retrieval.index_dir
     if index_dir:
@@ -469,7 +474,7 @@ def bytes_per_vector(factory: str, dim: int) -> int:
     return 4 * dim + (8 if factory.startswith("IVF") else 0)
 
 
-def plan_retrieval(config: Any) -> RolePlan:
+def plan_retrieval(config: JobConfig) -> RolePlan:
     """One retrieval service replica (host RAM: replicas are CPU actors)."""
     params, dim = encoder_size(config.retrieval.encoder.name_or_path)
     count, per_vector, source = index_size(config, dim)
@@ -496,7 +501,7 @@ def plan_retrieval(config: Any) -> RolePlan:
 TIGHT = 0.9  # an estimate above this share of the capacity leaves little for allocator fragmentation
 
 
-def plan(config: Any, chunk_tokens: int | None = None) -> dict[str, RolePlan]:
+def plan(config: JobConfig, chunk_tokens: int | None = None) -> dict[str, RolePlan]:
     """Every role's plan for a JobConfig."""
     arch = resolve_architecture(config.policy.name_or_path)
     plans = {
@@ -511,7 +516,7 @@ def plan(config: Any, chunk_tokens: int | None = None) -> dict[str, RolePlan]:
     return plans
 
 
-def format_plan(config: Any, plans: dict[str, RolePlan]) -> str:
+def format_plan(config: JobConfig, plans: dict[str, RolePlan]) -> str:
     """A readable table: one line per role, then each role's breakdown."""
     hardware = config.hardware
     where = f"{hardware.gpu or 'GPU'} {hardware.gpu_memory_gib:g} GiB" if _on_gpu(config) else "CPU"

@@ -31,7 +31,7 @@ GPU_PRESETS = ["qwen2.5-7b-instruct", "qwen2.5-7b-base", "qwen2.5-32b-instruct"]
 
 def shape(arch: Architecture = SMALL, **changes: object) -> LearnerShape:
     base = dict(arch=arch, seq_len=10, zero_stage=0, world_size=1, p=4, checkpointing=False, reference=False,
-                chunk_tokens=None, on_gpu=False)
+                chunk_tokens=None)
     base.update(changes)
     return LearnerShape(**base)
 
