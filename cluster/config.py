@@ -73,6 +73,21 @@ class LoggingConfig(BaseModel):
     tensorboard: bool = Field(True, description="Write TensorBoard scalars under run_dir/tensorboard.")
 
 
+class HardwareConfig(BaseModel):
+    """The machines the job is meant for, as `research plan` needs them to say whether it fits; nothing else reads it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu: str | None = Field(None, description="GPU model, for the reader (e.g. 'A100-SXM4-40GB (p4d.24xlarge)').")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="Memory of one GPU in GiB (A100 40GB = 40, A100/H100 80GB = 80); needed to plan a "
+        "GPU job, unused on CPU.",
+    )
+    host_memory_gib: float | None = Field(
+        None, gt=0, description="RAM of one node in GiB (p4d/p4de.24xlarge: 1152); None = this machine's RAM."
+    )
+
+
 class JobConfig(BaseModel):
     """A whole training job; every section is the owning component's own model."""
 
@@ -88,6 +103,7 @@ class JobConfig(BaseModel):
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The DeepSpeed learner and GRPO.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The training loop.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig, description="GPU and host memory (`research plan`).")
 
     def resolved_learner(self) -> LearnerConfig:
         """The learner config the job runs: it scores tokens at the temperature they were sampled at and picks its

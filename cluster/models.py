@@ -107,8 +107,17 @@ def _tokenizer_corpus() -> list[str]:
     return lines
 
 
+# The tiny policy's shape, shared with `research plan` (cluster/plan.py), which must not build it to know it.
+TINY_HIDDEN, TINY_LAYERS, TINY_VOCAB, TINY_HEADS, TINY_KV_HEADS = 128, 3, 1024, 4, 2
+
+
 def build_tiny_policy(
-    out_dir: Path | str, *, hidden_size: int = 128, num_layers: int = 3, vocab_size: int = 1024, seed: int = 0
+    out_dir: Path | str,
+    *,
+    hidden_size: int = TINY_HIDDEN,
+    num_layers: int = TINY_LAYERS,
+    vocab_size: int = TINY_VOCAB,
+    seed: int = 0,
 ) -> Path:
     """Write a tiny random Qwen2 policy and a byte-level BPE tokenizer (ChatML, tags as single tokens) to out_dir."""
     import torch
@@ -146,8 +155,8 @@ def build_tiny_policy(
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=TINY_HEADS,
+        num_key_value_heads=TINY_KV_HEADS,
         max_position_embeddings=16384,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
