@@ -97,7 +97,7 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from retrieval_service.app import create_app
+    from retrieval_service.app import create_app, uvicorn_config
     from retrieval_service.index import read_meta
 
     try:
@@ -137,5 +137,6 @@ def serve_main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info", access_log=args.access_log)
+    app = create_app(config)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level="info", access_log=args.access_log)).run()
     return 0
