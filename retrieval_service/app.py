@@ -186,6 +186,7 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
                 enabled=server.micro_batching,
                 workers=server.micro_batch_workers,
                 cache_max_bytes=server.cache_max_bytes,
+                max_batch_chars=server.micro_batch_max_chars,
             )
             batcher.start()
             app.state.retriever = loaded

@@ -49,6 +49,10 @@ class ServerConfig(BaseModel):
     max_topk: int = Field(100, ge=1, description="Largest top-k a request may ask for (smallest is 1).")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Request bodies above this size get 413 unread.")
     micro_batch_max_size: int = Field(64, ge=1, description="Most queries coalesced into one encoder forward.")
+    micro_batch_max_chars: int = Field(
+        16_384, ge=1, description="Most characters of queries in one forward (a longer query still goes alone): "
+        "long queries make small batches, so a request of many long queries does not hold the encoder for long."
+    )
     micro_batch_max_wait_ms: float = Field(
         2.0, ge=0.0, description="How long the batcher waits for more queries after the first one arrives."
     )
