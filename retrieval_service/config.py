@@ -63,7 +63,7 @@ class ServerConfig(BaseModel):
     cache_size: int = Field(10_000, ge=0, description="Entries of the query -> results LRU cache (0 disables it).")
     cache_max_bytes: int = Field(
         256 * 2**20, ge=0, description="Estimated memory of the query cache (its strings + per-object overhead), "
-        "least recently used entries evicted beyond it; a top-100 entry of wiki-18 passages is ~70 KB (0 disables it)."
+        "least recently used entries evicted beyond it; a top-100 entry of 100-word passages is ~100 KB (0 disables it)."
     )
     max_header_bytes: int = Field(
         65_536, ge=1024, description="Request line + headers of one request; more is a 431 and the connection closes."
