@@ -191,7 +191,7 @@ class MicroBatcher:
             await self._queued.wait()
         batch: list[_Pending] = []
         if not self._take_into(batch) and self.max_wait_s > 0:
-            # A sleep, not a wait on the event with a timeout: more queries may come from any number of requests.
+            # Room left: give concurrent requests max_wait to add theirs (this is how a batch grows under load).
             await asyncio.sleep(self.max_wait_s)
             self._take_into(batch)
         return batch
@@ -203,6 +203,11 @@ class MicroBatcher:
             if len(batch) >= self.max_batch:
                 return True
             request = self._requests[0]
+            if request[0].future.done():  # its request was cancelled: take no room for it
+                request.popleft()
+                if not request:
+                    self._requests.popleft()
+                continue
             size = len(request[0].query)
             if batch and self.max_batch_chars is not None and chars + size > self.max_batch_chars:
                 return True  # that query leads the next batch
