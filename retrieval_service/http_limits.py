@@ -163,8 +163,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._read_deadline = None
         if self.transport.is_closing():
             return
-        if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
-            # Another request's answer is being written (a pipelined request trickling in): no 408 inside it.
+        answering = self.cycle is not None and self.cycle.response_started
+        if answering and (self._in_body or not self.cycle.response_complete):
+            # This request was already answered (a 413 before its body was read) or the previous one's answer is
+            # still being written (a pipelined request trickling in): no 408 after or inside that answer.
             self.transport.close()
             return
         self._refuse(408, f"Request not received within {self.read_timeout_s:g} s")

@@ -365,27 +365,35 @@ def test_heads_and_bodies_within_the_limits_are_served(service: BackgroundServer
         assert answers.count(b"HTTP/1.1 200 ") == 3
 
 
+def trickle(server: BackgroundServer, head: bytes, payload: bytes, interval: float = 0.2) -> tuple[bytes, int]:
+    """Send `head`, then `payload` one byte per `interval` until the server answers or closes: (answer, bytes sent)."""
+    with socket.create_connection((server.host, server.port), timeout=interval) as sock:
+        sock.sendall(head)
+        for sent in range(len(payload)):
+            try:
+                sock.sendall(payload[sent : sent + 1])
+                return sock.recv(65536), sent + 1  # an answer, or b"" once the server has closed
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                return b"", sent
+    raise AssertionError("the server waited for the whole trickled request")
+
+
 def test_slow_loris_is_disconnected_after_the_read_timeout(service: BackgroundServer) -> None:
     with server_with(service, read_timeout_s=1.0) as server:
         # One header byte every 0.2 s: a timer reset by each byte would never fire; a deadline on the request does.
-        trickle = request(headers=b"X-Slow: " + b"z" * 200 + b"\r\n")
-        with socket.create_connection((server.host, server.port), timeout=0.2) as sock:
-            sent, answer = 0, None
-            while sent < len(trickle) and answer is None:
-                try:
-                    sock.sendall(trickle[sent : sent + 1])
-                    sent += 1
-                    answer = sock.recv(65536)  # b"" once the server has closed
-                except TimeoutError:
-                    continue
-                except (BrokenPipeError, ConnectionResetError):
-                    answer = b""
-        assert answer is not None, "the server waited for the whole trickled request"
+        answer, sent = trickle(server, b"", request(headers=b"X-Slow: " + b"z" * 200 + b"\r\n"))
         assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer
-        assert 4 <= sent < len(trickle)
+        assert sent >= 4
+        # A body that trickles in is cut off the same way.
+        body = json.dumps({"queries": ["q" * 500]}).encode()
+        answer, sent = trickle(server, request("/retrieve", body=body)[: -len(body)], body)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer
         # A client that connects and sends nothing is closed the same way.
         with socket.create_connection((server.host, server.port), timeout=20) as sock:
             assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
+        assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_connections_beyond_the_limit_get_503(service: BackgroundServer) -> None:
