@@ -8,8 +8,8 @@ load the batch grows by itself: while one batch is computing the next one queues
 Queries are taken round-robin across requests, not first-come first-served, and a batch holds at most
 `max_batch_chars` characters of queries (its encoder cost grows with their length). So a request of 256 queries of
 2,048 characters is served as 32 small batches, and a one-query request that arrives meanwhile waits for the batch in
-flight and rides in the next one, instead of waiting for the whole big request (35.6 s on 2 busy cores before, see
-retrieval_service/README.md).
+flight and rides in the next one (1.3 s) instead of waiting for the whole big request (20.0 s; bench/retrieval_fairness.py
+on 2 shared cores).
 """
 
 from __future__ import annotations
