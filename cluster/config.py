@@ -74,7 +74,7 @@ class LoggingConfig(BaseModel):
 
 
 class HardwareConfig(BaseModel):
-    """The machines the job is meant for, as `research plan` needs them to say whether it fits; nothing else reads it."""
+    """The machines the job is meant for, as research plan needs them to say whether it fits; nothing else reads it."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -11,7 +11,9 @@ Both projects' clients work unchanged:
     GET  /health        200 {"status": "ready", ...} once the index is loaded, 503 before
     GET  /metrics       Prometheus text
 Every input problem is a 4xx with a reason: too many queries, too long a query, top-k out of range, too large a body,
-malformed JSON, a missing or wrong bearer token. An empty query is answered like any other.
+malformed JSON, a missing or wrong bearer token. An empty query is answered like any other. Below the app, the HTTP
+protocol (http_limits.py) answers too large or too many headers (431), too slow a client (408) and too many
+connections (503); `uvicorn_config` puts it in place.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,9 +35,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrieval_service.batcher import MicroBatcher, SearchMetrics
-from retrieval_service.config import RetrievalConfig
+from retrieval_service.config import RetrievalConfig, ServerConfig
 from retrieval_service.process import free_port, wait_healthy
 from retrieval_service.retriever import Hit, Retriever
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 class RetrieveRequest(BaseModel):
@@ -180,6 +185,8 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
                 cache_size=server.cache_size,
                 enabled=server.micro_batching,
                 workers=server.micro_batch_workers,
+                cache_max_bytes=server.cache_max_bytes,
+                max_batch_chars=server.micro_batch_max_chars,
             )
             batcher.start()
             app.state.retriever = loaded
@@ -203,6 +210,7 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
 
     app = FastAPI(title="ReSearch retrieval service", lifespan=lifespan)
     app.state.metrics = metrics
+    app.state.server_config = server  # read by uvicorn_config for the HTTP-level limits
     # Added first, so it sits inside the counter and rejected bodies are still counted.
     app.add_middleware(BodySizeLimit, max_bytes=server.max_body_bytes)
     app.add_middleware(RequestCounter, metrics=metrics)
@@ -293,6 +301,23 @@ def create_app(config: RetrievalConfig, retriever: Retriever | None = None) -> F
     return app
 
 
+def uvicorn_config(app: FastAPI, host: str, port: int, **options: Any) -> uvicorn.Config:
+    """uvicorn.Config for a service app, with the HTTP limits of its ServerConfig; `options` go to uvicorn.Config."""
+    import uvicorn
+
+    from retrieval_service.http_limits import LimitedHttpToolsProtocol
+
+    server: ServerConfig = getattr(app.state, "server_config", None) or ServerConfig()
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=LimitedHttpToolsProtocol.with_limits(server),
+        ws="none",  # no websocket routes: an Upgrade request is answered as plain HTTP, inside the same limits
+        timeout_keep_alive=server.keep_alive_timeout_s,  # type: ignore[arg-type]  # uvicorn hints int, uses a float
+        **options,
+    )
+
 
 class BackgroundServer:
     """A uvicorn server for `app` on a thread of this process (tests, demos, the in-process service of a driver)."""
@@ -303,7 +328,7 @@ class BackgroundServer:
         self.app = app
         self.host = host
         self.port = port or free_port(host)
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self._server = uvicorn.Server(uvicorn_config(app, host, self.port, log_level="warning"))
         self._thread: threading.Thread | None = None
 
     @property

@@ -1,46 +1,80 @@
 """Server-side micro-batching and the query cache.
 
-Concurrent requests put their queries on one asyncio queue; a worker (one by default) takes what is queued (waiting at most
-`max_wait_ms` for more, up to `max_batch` queries), runs one encoder forward and one faiss search for all of them in
-a thread, and resolves each caller's future. The event loop never blocks on torch or faiss, and under load the
-batch grows by itself: while one batch is computing the next one queues up.
+Concurrent requests queue their queries, one queue per request; a worker (one by default) takes what is queued
+(waiting at most `max_wait_ms` for more, up to `max_batch` queries), runs one encoder forward and one faiss search for
+all of them in a thread, and resolves each caller's future. The event loop never blocks on torch or faiss, and under
+load the batch grows by itself: while one batch is computing the next one queues up.
+
+Queries are taken round-robin across requests, not first-come first-served, and a batch holds at most
+`max_batch_chars` characters of queries (its encoder cost grows with their length). So a request of 256 queries of
+2,048 characters is served as 32 small batches, and a one-query request that arrives meanwhile waits for the batch in
+flight and rides in the next one (1.3 s) instead of waiting for the whole big request (20.0 s; bench/retrieval_fairness.py
+on 2 shared cores).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
+import sys
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from retrieval_service.retriever import Hit, Retriever, clean_query
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class QueryCache:
-    """LRU map (query, topk) -> hits. Only the event loop touches it, so it needs no lock."""
+_ENTRY_OVERHEAD = 200
+"""Bytes of one cache entry besides its strings: the OrderedDict slot, the key tuple and int, the hit list."""
+_HIT_OVERHEAD = 400
+"""Bytes of one hit besides its strings: the Hit object and its __dict__, the document dict, the float score."""
 
-    def __init__(self, size: int) -> None:
+
+def entry_bytes(key: tuple[str, int], hits: list[Hit]) -> int:
+    """Estimated memory of one cache entry: its strings as CPython stores them, plus fixed per-object overheads."""
+    size = _ENTRY_OVERHEAD + sys.getsizeof(key[0])
+    for hit in hits:
+        size += _HIT_OVERHEAD + sum(sys.getsizeof(value) for value in hit.document.values())
+    return size
+
+
+class QueryCache:
+    """LRU map (query, topk) -> hits, bounded in entries and in estimated bytes; only the event loop touches it."""
+
+    def __init__(self, size: int, max_bytes: int | None = None) -> None:
         self.size = size
-        self._entries: OrderedDict[tuple[str, int], list[Hit]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[tuple[str, int], tuple[list[Hit], int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def get(self, key: tuple[str, int]) -> list[Hit] | None:
         """Cached hits, refreshed as most recently used; None on a miss."""
-        hits = self._entries.get(key)
-        if hits is not None:
-            self._entries.move_to_end(key)
-        return hits
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
 
     def put(self, key: tuple[str, int], hits: list[Hit]) -> None:
-        """Store hits, evicting the least recently used entry beyond `size`."""
+        """Store hits, evicting least recently used entries beyond `size` entries or `max_bytes` bytes."""
         if self.size <= 0:
             return
-        self._entries[key] = hits
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        size = entry_bytes(key, hits)
+        if self.max_bytes is not None and size > self.max_bytes:
+            return  # would evict everything else and still not fit
+        previous = self._entries.pop(key, None)
+        if previous is not None:
+            self.bytes -= previous[1]
+        self._entries[key] = (hits, size)
+        self.bytes += size
+        while len(self._entries) > self.size or (self.max_bytes is not None and self.bytes > self.max_bytes):
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes -= evicted
 
 
 class SearchMetrics:
@@ -63,6 +97,10 @@ class SearchMetrics:
         self.search_seconds = Histogram(
             "retrieval_search_seconds", "Encoder forward + faiss search time per batch", registry=self.registry
         )
+        self.cache_bytes = Gauge(
+            "retrieval_cache_bytes", "Estimated memory of the query cache, bytes", registry=self.registry
+        )
+        self.cache_entries = Gauge("retrieval_cache_entries", "Entries in the query cache", registry=self.registry)
 
 
 @dataclass
@@ -73,7 +111,7 @@ class _Pending:
 
 
 class MicroBatcher:
-    """Coalesces queries from concurrent requests into batched searches, with a cache in front."""
+    """Coalesces queries from concurrent requests into batched searches, fairly across requests, with a cache in front."""
 
     def __init__(
         self,
@@ -84,14 +122,21 @@ class MicroBatcher:
         cache_size: int = 10_000,
         enabled: bool = True,
         workers: int = 1,
+        cache_max_bytes: int | None = None,
+        max_batch_chars: int | None = None,
     ) -> None:
         self.retriever = retriever
         self.metrics = metrics
         self.max_batch = max_batch
+        self.max_batch_chars = max_batch_chars
         self.max_wait_s = max_wait_ms / 1000.0
         self.enabled = enabled
-        self.cache = QueryCache(cache_size)
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.cache = QueryCache(cache_size, cache_max_bytes)
+        metrics.cache_bytes.set_function(lambda: self.cache.bytes)
+        metrics.cache_entries.set_function(lambda: len(self.cache))
+        # One queue per request with queries waiting, in the order they are next served (see _take_into).
+        self._requests: deque[deque[_Pending]] = deque()
+        self._queued = asyncio.Event()
         self.num_workers = workers
         self._workers: list[asyncio.Task[None]] = []
 
@@ -107,10 +152,10 @@ class MicroBatcher:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if not item.future.done():
-                item.future.set_exception(RuntimeError("retrieval service is shutting down"))
+        while self._requests:
+            for item in self._requests.popleft():
+                if not item.future.done():
+                    item.future.set_exception(RuntimeError("retrieval service is shutting down"))
 
     async def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
         """Hits for each query, from the cache or from a (batched) search."""
@@ -134,23 +179,45 @@ class MicroBatcher:
             with self.metrics.search_seconds.time():
                 return await asyncio.to_thread(self.retriever.search, queries, topk)
         loop = asyncio.get_running_loop()
-        pending = [_Pending(q, topk, loop.create_future()) for q in queries]
-        for item in pending:
-            self._queue.put_nowait(item)
-        return list(await asyncio.gather(*(item.future for item in pending)))
+        pending = deque(_Pending(q, topk, loop.create_future()) for q in queries)
+        futures = [item.future for item in pending]
+        self._requests.append(pending)
+        self._queued.set()
+        return list(await asyncio.gather(*futures))
 
     async def _next_batch(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
-        self._drain_into(batch)
-        if len(batch) < self.max_batch and self.max_wait_s > 0:
-            # A sleep, not wait_for(queue.get()): cancelling a get on timeout can drop an item on Python 3.11.
+        while not self._requests:
+            self._queued.clear()
+            await self._queued.wait()
+        batch: list[_Pending] = []
+        if not self._take_into(batch) and self.max_wait_s > 0:
+            # Room left: give concurrent requests max_wait to add theirs (this is how a batch grows under load).
             await asyncio.sleep(self.max_wait_s)
-            self._drain_into(batch)
+            self._take_into(batch)
         return batch
 
-    def _drain_into(self, batch: list[_Pending]) -> None:
-        while len(batch) < self.max_batch and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+    def _take_into(self, batch: list[_Pending]) -> bool:
+        """Add one query of each waiting request in turn (so none waits behind another's); True once the batch is full."""
+        chars = sum(len(item.query) for item in batch)
+        while self._requests:
+            if len(batch) >= self.max_batch:
+                return True
+            request = self._requests[0]
+            if request[0].future.done():  # its request was cancelled: take no room for it
+                request.popleft()
+                if not request:
+                    self._requests.popleft()
+                continue
+            size = len(request[0].query)
+            if batch and self.max_batch_chars is not None and chars + size > self.max_batch_chars:
+                return True  # that query leads the next batch
+            self._requests.popleft()
+            batch.append(request.popleft())
+            chars += size
+            if request:
+                # To the back: the rotation carries over to the next batch, so a big request does not restart first.
+                self._requests.append(request)
+        return len(batch) >= self.max_batch
 
     async def _run(self) -> None:
         while True:

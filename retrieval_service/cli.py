@@ -165,7 +165,7 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from retrieval_service.app import create_app
+    from retrieval_service.app import create_app, uvicorn_config
     from retrieval_service.index import canonical_encoder_name, read_meta
 
     try:
@@ -181,7 +181,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     config = retrieval.model_copy(update={
         "server": server, "encoder": encoder.model_copy(update={"name_or_path": given_encoder or meta.encoder}),
     })
-    uvicorn.run(create_app(config), host=server.host, port=server.port, log_level="info", access_log=args.access_log)
+    app = create_app(config)
+    uvicorn.Server(uvicorn_config(app, server.host, server.port, log_level="info", access_log=args.access_log)).run()
     return 0
 
 

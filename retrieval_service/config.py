@@ -49,6 +49,10 @@ class ServerConfig(BaseModel):
     max_topk: int = Field(100, ge=1, description="Largest top-k a request may ask for (smallest is 1).")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Request bodies above this size get 413 unread.")
     micro_batch_max_size: int = Field(64, ge=1, description="Most queries coalesced into one encoder forward.")
+    micro_batch_max_chars: int = Field(
+        16_384, ge=1, description="Most characters of queries in one forward (a longer query still goes alone): "
+        "long queries make small batches, so a request of many long queries does not hold the encoder for long."
+    )
     micro_batch_max_wait_ms: float = Field(
         2.0, ge=0.0, description="How long the batcher waits for more queries after the first one arrives."
     )
@@ -57,6 +61,23 @@ class ServerConfig(BaseModel):
     )
     micro_batching: bool = Field(True, description="Off: each request runs its own forward (the bench baseline).")
     cache_size: int = Field(10_000, ge=0, description="Entries of the query -> results LRU cache (0 disables it).")
+    cache_max_bytes: int = Field(
+        256 * 2**20, ge=0, description="Estimated memory of the query cache (its strings + per-object overhead), "
+        "least recently used entries evicted beyond it; a top-100 entry of 100-word passages is ~100 KB (0 disables it)."
+    )
+    max_header_bytes: int = Field(
+        65_536, ge=1024, description="Request line + headers of one request; more is a 431 and the connection closes."
+    )
+    max_headers: int = Field(100, ge=1, description="Header fields of one request; more is a 431 and the connection closes.")
+    read_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds a client has to send one whole request (headers and body), counted from its "
+        "connection or its first byte; then 408 and the connection closes (clients that trickle bytes)."
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    max_connections: int = Field(
+        2048, ge=1, description="Open connections (or requests in flight) beyond this are answered 503 and closed "
+        "on connect."
+    )
     auth_token: str | None = Field(None, description="When set, requests need 'Authorization: Bearer <token>'.")
     faiss_gpu: bool = Field(False, description="Shard the faiss index over all visible GPUs (needs faiss-gpu).")
     faiss_threads: int = Field(0, ge=0, description="OpenMP threads for faiss search (0 leaves faiss' default).")

@@ -92,6 +92,34 @@ def test_query_cache_evicts_least_recently_used() -> None:
     assert disabled.get(("a", 5)) is None
 
 
+def test_query_cache_is_bounded_in_bytes() -> None:
+    from retrieval_service.batcher import entry_bytes
+    from retrieval_service.retriever import Hit
+
+    def hits(text: str, n: int) -> list[Hit]:
+        return [Hit({"id": str(i), "contents": text}, 0.5) for i in range(n)]
+
+    long, short = hits("x" * 2_000, 10), hits("y", 1)
+    size = entry_bytes(("a", 10), long)
+    assert size >= 10 * 2_000 + 10 * 400  # the text and each hit's objects
+    assert entry_bytes(("b", 10), long) == size and entry_bytes(("a" * 100, 10), long) == size + 99
+    cache = QueryCache(100, max_bytes=2 * size + 1)
+    cache.put(("a", 10), long)
+    cache.put(("b", 10), long)
+    assert cache.bytes == 2 * size and len(cache) == 2
+    cache.put(("b", 10), long)  # storing a key again does not count it twice
+    assert cache.bytes == 2 * size
+    assert cache.get(("a", 10)) is long  # refreshes a: b is now the least recently used
+    cache.put(("c", 1), short)
+    assert cache.get(("b", 10)) is None and cache.get(("a", 10)) is long and cache.get(("c", 1)) is short
+    assert cache.bytes == size + entry_bytes(("c", 1), short) and len(cache) == 2
+    cache.put(("huge", 10), hits("z" * 10 * size, 1))  # larger than the whole bound: not stored, evicts nothing
+    assert len(cache) == 2 and cache.get(("huge", 10)) is None
+    nothing = QueryCache(100, max_bytes=0)
+    nothing.put(("a", 5), short)
+    assert nothing.get(("a", 5)) is None and nothing.bytes == 0
+
+
 def test_encoder_resolution_and_pooling_config(tmp_path: Path) -> None:
     packaged = resolve_encoder_path("all-MiniLM-L6-v2")
     assert (packaged / "model.safetensors").is_file()
