@@ -42,19 +42,31 @@ Reward = Callable[[Trajectory, Sequence[str]], None]
 """Fills a finished trajectory's reward and its parts (actors.reward.reward_fn picks one from the config)."""
 
 
-class UnfinishedGeneration(RuntimeError):
+class RolloutFailed(RuntimeError):
+    """A group that must not be trained on: the driver requeues its prompt."""
+
+
+class UnfinishedGeneration(RolloutFailed):
     """vLLM ended a generation for a reason that is neither EOS, a stop string nor the token budget."""
+
+
+class SearchFailed(RolloutFailed):
+    """A search of the group found no replica answering for the whole outage wait."""
 
 
 async def rollout_group(
     engine: Engine, search: SearchTool, question: Question, group_size: int, sampling: SamplingConfig,
-    reward: Reward, policy_version: int = 0,
+    reward: Reward, policy_version: int = 0, keep_failed_searches: bool = False,
 ) -> pa.RecordBatch:
-    """`group_size` trajectories of one question, sampled concurrently, scored, as one Arrow record batch."""
+    """`group_size` trajectories of one question, sampled concurrently, scored, as one Arrow record batch; a group
+    with a failed search raises SearchFailed unless `keep_failed_searches`."""
     trajectories = await asyncio.gather(*(
         run_trajectory(engine, search, question, sampling, group_index=index, policy_version=policy_version)
         for index in range(group_size)
     ))
+    failed = sum(t.retrieval_errors for t in trajectories)
+    if failed and not keep_failed_searches:
+        raise SearchFailed(f"{failed} searches of {question.prompt_id} failed: no retrieval replica answered")
     for trajectory in trajectories:
         reward(trajectory, question.golden_answers)
     return to_record_batch(list(trajectories))
@@ -120,11 +132,16 @@ class SearchBackend(Protocol):
 
 @dataclass
 class SearchTool:
-    """Answers one search call with the text of its result block: top-k passages formatted in `style`."""
+    """Answers one search call with the text of its result block: top-k passages formatted in `style`.
+
+    While no replica answers, it keeps trying for `outage_wait_s` (a replica that died comes back in seconds): an
+    outage costs time, not a trajectory.
+    """
 
     backend: SearchBackend
     topk: int = 5
     style: ResultStyle = "research"
+    outage_wait_s: float = 0.0
 
     async def __call__(self, query: str) -> tuple[str, bool]:
         """(result text, whether retrieval failed) for one query; an empty query gets ReSearch's 'invalid query'."""
@@ -132,11 +149,16 @@ class SearchTool:
 
         if not query:
             return EMPTY_QUERY_RESULT, False
-        try:
-            (passages,) = await self.backend.search([query], self.topk)
-        except RetrievalError:
-            return RETRIEVAL_ERROR_RESULT, True
-        return format_passages(passages, self.style), False
+        deadline, pause = time.monotonic() + self.outage_wait_s, 0.5
+        while True:
+            try:
+                (passages,) = await self.backend.search([query], self.topk)
+                return format_passages(passages, self.style), False
+            except RetrievalError:
+                if time.monotonic() + pause > deadline:
+                    return RETRIEVAL_ERROR_RESULT, True
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
 
 @dataclass

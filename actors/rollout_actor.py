@@ -43,7 +43,8 @@ class RolloutActor:
         retrieval = retrieval or RetrievalConfig()
         self.engine = RolloutEngine(model, self.config.engine, seed=seed)
         self.client = RetrievalClient.from_config(retrieval)
-        self.search = SearchTool(self.client, retrieval.topk, retrieval.result_format)
+        self.search = SearchTool(self.client, retrieval.topk, retrieval.result_format, retrieval.outage_wait_s)
+        self.keep_failed_searches = retrieval.failed_search == "keep"
         self.reward = reward_fn(self.config.reward_fn)  # the one place the reward is chosen
         self._policy_version = policy_version
         self._in_flight = 0
@@ -63,7 +64,7 @@ class RolloutActor:
         try:
             version = self._policy_version if policy_version is None else policy_version
             batch = await rollout_group(self.engine, self.search, question, group_size or self.config.group_size,
-                                        config, self.reward, version)
+                                        config, self.reward, version, self.keep_failed_searches)
         finally:
             self._in_flight -= 1
         self._count(batch)

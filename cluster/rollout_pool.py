@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from actors.prompts import Question
-from actors.rollout import UnfinishedGeneration
+from actors.rollout import RolloutFailed
 from cluster.data_stream import PromptItem
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class RolloutPool:
         self.sync_timeout_s = sync_timeout_s
         self.replaced = 0
         self.failed = 0
-        """Rollouts that vLLM ended for a reason other than EOS, a stop string or the budget (requeued)."""
+        """Groups not trained on and requeued: vLLM cut a generation short, or a search failed through an outage."""
         self.policy_version = 0
         """The policy version every engine holds (what dispatched work is stamped with)."""
 
@@ -146,7 +146,7 @@ class RolloutPool:
         except ACTOR_GONE as error:
             return Finished(item, slot.actor_id, None, error)
         except RayTaskError as error:
-            if not isinstance(error.cause, UnfinishedGeneration):
+            if not isinstance(error.cause, RolloutFailed):
                 raise
             log.warning("requeueing prompt %d: %s", item.index, error.cause)
             self.failed += 1

@@ -113,6 +113,14 @@ class RetrievalConfig(BaseModel):
     timeout_s: float = Field(30.0, gt=0, description="Client timeout of one HTTP attempt, seconds.")
     retries: int = Field(4, ge=0, description="Extra attempts after the first, spread over the replicas.")
     backoff_s: float = Field(0.2, ge=0, description="Base of the exponential backoff between attempts, seconds.")
+    outage_wait_s: float = Field(
+        120.0, ge=0, description="How long one search keeps trying while no replica answers (Ray restarts a dead "
+        "replica in seconds) before it counts as failed; 0 = fail after the client's retries.",
+    )
+    failed_search: Literal["requeue", "keep"] = Field(
+        "requeue", description="A group with a search that still failed: 'requeue' drops it from the update and "
+        "requeues its prompt (rollout/failed counts it); 'keep' trains on it with the 'Search failed' result text.",
+    )
     result_format: Literal["research", "searchr1"] = Field(
         "research", description="Text inside <result>: ReSearch's passages or Search-R1's 'Doc i(Title: t) text'."
     )

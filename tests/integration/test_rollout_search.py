@@ -254,3 +254,45 @@ def test_an_aborted_generation_raises_instead_of_being_scored_as_finished(
 
     with pytest.raises(UnfinishedGeneration, match="'abort'"):
         run(abort_while_generating())
+
+
+def test_a_retrieval_outage_costs_time_not_the_trajectory(
+    actor: Any, load_policy: Any, tiny_dir: Path, run: Any, rollout_world: Path, passages_text: str
+) -> None:
+    """No replica answers when the policy searches; one comes back a few seconds later at the same address: the
+    search waits for it. A search that outlasts the wait fails the group, which the driver requeues."""
+    import threading
+
+    from actors.rollout import SearchFailed
+    from retrieval_service.app import BackgroundServer, create_app
+    from retrieval_service.config import RetrievalConfig
+    from retrieval_service.process import free_port
+
+    tokenizer = actor.engine.tokenizer
+    load_policy(scripted_policy(tiny_dir, search_forever(tokenizer)), 109)
+    port = free_port()
+    client = RetrievalClient([f"http://127.0.0.1:{port}"], timeout=5.0, retries=1, backoff=0.01)
+    app = create_app(RetrievalConfig(index_dir=str(rollout_world / "index")))
+    started: list[BackgroundServer] = []
+    sampling = GREEDY.model_copy(update={"max_turns": 2})
+    try:
+        # Nothing listens yet; the replica comes up while the first search is retrying.
+        threading.Timer(2.0, lambda: started.append(BackgroundServer(app, port=port).start())).start()
+        patient = SearchTool(client, topk=TOPK, outage_wait_s=120.0)
+        t = run(run_trajectory(actor.engine, patient, question(tokenizer), sampling))
+        assert (t.num_searches, t.retrieval_errors) == (1, 0) and passages_text in t.response_text
+    finally:
+        for server in started:
+            server.stop()
+        run(client.aclose())
+
+    dead = RetrievalClient([f"http://127.0.0.1:{free_port()}"], timeout=2.0, retries=0)
+    try:
+        impatient = SearchTool(dead, topk=TOPK, outage_wait_s=1.0)
+        with pytest.raises(SearchFailed, match="no retrieval replica answered"):
+            run(rollout_group(actor.engine, impatient, question(tokenizer, "down"), 2, sampling, REWARD))
+        kept = run(rollout_group(actor.engine, impatient, question(tokenizer, "down"), 2, sampling, REWARD,
+                                 keep_failed_searches=True))
+        assert kept.column("retrieval_errors").to_pylist() == [1, 1]
+    finally:
+        run(dead.aclose())
