@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from actors.config import EngineConfig, SamplingConfig
@@ -103,6 +104,11 @@ class RolloutEngine:
         self._running: set[str] = set()
 
     @property
+    def dead(self) -> bool:
+        """Whether the engine-core process has died (vLLM then fails every call with EngineDeadError)."""
+        return self._llm is not None and self._llm.errored
+
+    @property
     def tokenizer(self) -> Any:
         """The HF tokenizer vLLM loaded for the model (used only for text the environment inserts)."""
         return self._llm.tokenizer
@@ -181,3 +187,42 @@ class RolloutEngine:
             # Dropping the last reference now lets AsyncLLM.__del__ run while the interpreter is intact.
             llm.shutdown()
             del llm
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every live process below `pid` (the engine core and its workers below a rollout actor), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name (field 2) may contain spaces: the parent pid is the 2nd field after its ")".
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return sorted(found)
+
+
+def free_orphaned_shm(prefix: str = "psm_") -> list[str]:
+    """Remove /dev/shm segments named `prefix`* that no live process maps: what a killed engine leaves behind (its
+    message queues). A segment in use is always mapped by its creator, so nothing live is touched."""
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        mapped.update(line.split()[-1] for line in text.splitlines() if "/dev/shm/" in line)
+    removed = []
+    for segment in Path("/dev/shm").glob(f"{prefix}*"):
+        if str(segment) not in mapped:
+            try:
+                segment.unlink()
+                removed.append(segment.name)
+            except OSError:
+                continue
+    return removed

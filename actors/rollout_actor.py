@@ -7,11 +7,16 @@ it as an async actor, and groups from many calls share the engine concurrently.
 Weight updates may land while groups are in flight: vLLM applies them between engine steps, so a trajectory can hold
 tokens of two consecutive versions. It is stamped with the version it started under, and its behaviour logprobs are
 those of the weights that actually sampled each token, so the learner's importance ratio stays correct.
+
+An engine process that dies (OOM kill, CUDA fault) takes the actor with it within about a second: the actor frees the
+shared memory the engine left and exits, so Ray reports it dead and the driver replaces it and requeues its groups,
+exactly as when the actor itself dies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,13 +25,15 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from actors.config import RolloutConfig, SamplingConfig
-from actors.engine import RolloutEngine
+from actors.engine import RolloutEngine, descendant_pids, free_orphaned_shm
 from actors.prompts import Question
 from actors.reward import reward_fn
 from actors.rollout import SearchTool, rollout_group
 
 if TYPE_CHECKING:
     from retrieval_service.config import RetrievalConfig
+
+log = logging.getLogger(__name__)
 
 
 class RolloutActor:
@@ -50,6 +57,23 @@ class RolloutActor:
         self._in_flight = 0
         self._totals: dict[str, float] = {}
         self._last_sync: dict[str, Any] = {}
+        self._watchdog: asyncio.Task | None = None
+
+    def _watch_engine(self) -> None:
+        """Start (once, on the actor's event loop) the check that ends the actor when its engine dies."""
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while not self.engine.dead:
+            await asyncio.sleep(0.5)
+        self._die("its vLLM engine process died")
+
+    def _die(self, why: str) -> None:
+        """Leave no shared memory behind and exit, so Ray reports this actor dead and the driver replaces it."""
+        freed = free_orphaned_shm()
+        log.error("rollout actor %d exits: %s (freed %d shared-memory segments)", os.getpid(), why, len(freed))
+        os._exit(1)
 
     async def generate_group(
         self, question: Question, policy_version: int | None = None, sampling: dict[str, Any] | None = None,
@@ -57,6 +81,9 @@ class RolloutActor:
     ) -> pa.RecordBatch:
         """One question's scored group (the driver's call); `sampling` overrides configured SamplingConfig fields
         (e.g. greedy validation) and `group_size` the configured group size."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._watch_engine()
         config = self.config.sampling
         if sampling:  # overrides are validated like the YAML
             config = SamplingConfig.model_validate({**config.model_dump(), **sampling})
@@ -65,6 +92,8 @@ class RolloutActor:
             version = self._policy_version if policy_version is None else policy_version
             batch = await rollout_group(self.engine, self.search, question, group_size or self.config.group_size,
                                         config, self.reward, version, self.keep_failed_searches)
+        except EngineDeadError:
+            self._die("its vLLM engine process died")
         finally:
             self._in_flight -= 1
         self._count(batch)
@@ -88,6 +117,7 @@ class RolloutActor:
     async def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int,
                                 backend: str) -> list[int]:
         """Join the learner's weight group (collective: the learner's WeightSender.connect runs meanwhile)."""
+        self._watch_engine()
         return await self.engine.collective_rpc(
             "research_join_weight_group", args=(host, port, world_size, rank_offset, backend)
         )
@@ -111,6 +141,10 @@ class RolloutActor:
     def pid(self) -> int:
         """This actor's process id (the driver uses it to kill one in fault-tolerance tests)."""
         return os.getpid()
+
+    def engine_pids(self) -> list[int]:
+        """The engine's processes below this actor (engine core, workers): what an OOM kill would hit."""
+        return descendant_pids(os.getpid())
 
     def policy_version(self) -> int:
         """The policy version of the weights the engine holds."""
