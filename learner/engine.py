@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
 from learner.grpo import group_advantages, policy_loss
+from learner.logprobs import DEFAULT_CHUNK_TOKENS, token_logprobs
 
 # Token-weighted metrics summed over micro-batches and ranks, then divided by the token count.
 _TOKEN_METRICS = ("clip_fraction", "approx_kl", "ref_kl", "entropy")
@@ -91,29 +92,6 @@ def resolve_dtype(config: LearnerConfig) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
 
 
-def token_logprobs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    with_entropy: bool = False,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logprob of each next token at `temperature`, (B, T-1) in fp32, and optionally the entropy at each position."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
-    if temperature != 1.0:
-        logits.div_(temperature)  # in place: a second (B, T, vocab) fp32 copy is GBs at a 151k vocabulary
-    logsumexp = torch.logsumexp(logits, dim=-1)
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    logprobs = torch.gather(logits, -1, targets).squeeze(-1) - logsumexp
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
-    # Padding positions get exactly 0, so results do not depend on how much padding a micro-batch carried.
-    valid = attention_mask[:, 1:].bool()
-    return torch.where(valid, logprobs, 0.0), entropy
-
-
 @torch.no_grad()
 def batch_logprobs(
     model: torch.nn.Module,
@@ -122,16 +100,19 @@ def batch_logprobs(
     device: torch.device,
     temperature: float = 1.0,
     rows: Sequence[tuple[int, int]] | None = None,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> torch.Tensor:
     """Next-token logprobs of a batch, (B, T-1), micro-batch by micro-batch; 0 on padding and on rows not asked for.
 
-    `rows` lists [start, stop) ranges to compute (default: the whole batch).
+    `rows` lists [start, stop) ranges to compute (default: the whole batch); `chunk_tokens` as in token_logprobs.
     """
     out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
     for first, last in rows if rows is not None else [(0, batch.size)]:
         for start in range(first, last, micro_batch_size):
             micro = batch.rows(start, min(start + micro_batch_size, last)).to(device)
-            logprobs, _ = token_logprobs(model, micro.input_ids, micro.attention_mask, temperature=temperature)
+            logprobs, _ = token_logprobs(
+                model, micro.input_ids, micro.attention_mask, temperature=temperature, chunk_tokens=chunk_tokens
+            )
             out[start : start + micro.size, : logprobs.shape[1]] = logprobs.float().cpu()
     return out
 
@@ -228,7 +209,10 @@ class LearnerEngine:
         """Current-policy logprobs of the batch (or of `rows`), (B, T-1) on CPU, 0 on padding; no gradient."""
         self.engine.eval()
         temperature = self.config.grpo.logit_temperature
-        return batch_logprobs(self.engine, batch, self.config.micro_batch_size, self.device, temperature, rows)
+        return batch_logprobs(
+            self.engine, batch, self.config.micro_batch_size, self.device, temperature, rows,
+            self.config.logprob_chunk_tokens,
+        )
 
     def _rank_rows(self, start: int, stop: int) -> tuple[int, int]:
         """This rank's contiguous share of rows [start, stop)."""
@@ -298,7 +282,12 @@ class LearnerEngine:
             if self.reference is not None:
                 ref_logprobs = self.reference.logprobs(micro)
             logprobs, entropy = token_logprobs(
-                self.engine, micro.input_ids, micro.attention_mask, with_entropy=True, temperature=grpo.logit_temperature
+                self.engine,
+                micro.input_ids,
+                micro.attention_mask,
+                with_entropy=True,
+                temperature=grpo.logit_temperature,
+                chunk_tokens=config.logprob_chunk_tokens,
             )
             loss, metrics = policy_loss(
                 logprobs,

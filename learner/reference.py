@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
-from learner.engine import partitioned_loading, resolve_dtype, token_logprobs
+from learner.engine import partitioned_loading, resolve_dtype
+from learner.logprobs import token_logprobs
 
 
 class ReferencePolicy:
@@ -33,9 +34,12 @@ class ReferencePolicy:
             model.to(device)
         self.model = model
         self.temperature = config.grpo.logit_temperature
+        self.chunk_tokens = config.logprob_chunk_tokens
 
     @torch.no_grad()
     def logprobs(self, micro: TrainBatch) -> torch.Tensor:
         """Reference next-token logprobs of one micro-batch, (B, T-1) in fp32, 0 on padding."""
-        logprobs, _ = token_logprobs(self.model, micro.input_ids, micro.attention_mask, temperature=self.temperature)
+        logprobs, _ = token_logprobs(
+            self.model, micro.input_ids, micro.attention_mask, temperature=self.temperature, chunk_tokens=self.chunk_tokens
+        )
         return logprobs
