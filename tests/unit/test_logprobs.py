@@ -146,3 +146,59 @@ def test_deepspeed_config_accumulates_bf16_gradients_in_fp32(stage: int) -> None
         assert "data_types" not in bf16
     else:
         assert bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+@pytest.mark.slow  # ~10 s: DeepSpeed's import and two engines
+@pytest.mark.parametrize("tie", [False, True])
+def test_zero3_engine_gathers_the_head_and_gets_the_full_gradients(tie: bool) -> None:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from learner.engine import deepspeed_config, init_distributed
+
+    init_distributed()  # one gloo rank
+    reference = tiny_qwen2(tie)
+    full_lp, full_ent, full_grads = logprobs_and_grads(reference, None, 0.7)
+    model = tiny_qwen2(tie)
+    ds_config = deepspeed_config(LearnerConfig(zero_stage=3, dtype="float32", micro_batch_size=3))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=ds_config
+    )
+    # Partitioned: the head's weight is a placeholder outside the module's call (persistence threshold 0).
+    assert engine.module.lm_head.weight.numel() == 0
+    input_ids, attention_mask = ragged_batch()
+    logprobs, entropy = token_logprobs(
+        engine, input_ids, attention_mask, with_entropy=True, temperature=0.7, chunk_tokens=5
+    )
+    weights = torch.randn(logprobs.shape, generator=torch.Generator().manual_seed(2))
+    engine.backward((logprobs * weights).mean())
+    torch.testing.assert_close(logprobs.detach(), full_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, full_ent, atol=1e-5, rtol=0)
+    for name, param in engine.module.named_parameters():
+        grad = safe_get_full_grad(param)
+        assert grad is not None, name
+        torch.testing.assert_close(grad, full_grads[name], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    assert engine.module.lm_head.weight.numel() == 0
+    engine.destroy()
+
+
+@pytest.mark.slow  # a DeepSpeed engine per stage
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_honours_fp32_gradient_accumulation(stage: int) -> None:
+    import deepspeed
+
+    from learner.engine import deepspeed_config, init_distributed
+
+    init_distributed()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)).to(torch.bfloat16)
+    config = deepspeed_config(LearnerConfig(zero_stage=stage, dtype="bfloat16", micro_batch_size=1))
+    engine, optimizer, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config
+    )
+    accumulation = getattr(optimizer, "gradient_accumulation_dtype", getattr(optimizer, "grad_acc_dtype", None))
+    # Stage 0 cannot have it (see deepspeed_config); 1 becomes the BF16_Optimizer, 2-3 keep fp32 partitions.
+    assert accumulation == (None if stage == 0 else torch.float32)
+    assert type(optimizer).__name__ == {
+        0: "FP16_UnfusedOptimizer", 1: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"
+    }[stage]
+    engine.destroy()
