@@ -76,15 +76,20 @@ class ChunkedHeadLogprobs(torch.autograd.Function):
         entropy = torch.empty(count if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         for start in range(0, count, chunk_tokens):
             stop = min(start + chunk_tokens, count)
+            # Everything below works in the chunk's one logits buffer: no second (chunk, vocab) temporary.
             logits = _scaled_logits(hidden[start:stop], weight, bias, temperature)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            logsumexp[start:stop] = chunk_lse
-            logprobs[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1) - chunk_lse
+            target_logits = logits.gather(1, targets[start:stop, None]).squeeze(1)
+            maxes = logits.amax(dim=-1)
+            exps = logits.sub_(maxes[:, None]).exp_()  # e = exp(x - max)
+            sums = exps.sum(dim=-1)
+            logsumexp[start:stop] = maxes + sums.log()
+            logprobs[start:stop] = target_logits - logsumexp[start:stop]
             if with_entropy:
-                # H = sum(p * -log p): non-negative terms, where lse - sum(p * logits) would cancel large numbers.
-                log_probs = logits.sub_(chunk_lse[:, None])
-                entropy[start:stop] = -log_probs.exp().mul_(log_probs).sum(dim=-1)
-            del logits
+                # H = log S - sum(e * log e) / S: both terms >= 0 (log e = x - max <= 0), so nothing cancels.
+                # xlogy gives 0 where e underflowed to 0, and writes over e, which is not needed any more.
+                e_log_e = torch.special.xlogy(exps, exps, out=exps).sum(dim=-1)
+                entropy[start:stop] = sums.log() - e_log_e / sums
+            del logits, exps
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
         ctx.temperature = temperature
         ctx.chunk_tokens = chunk_tokens
