@@ -229,6 +229,8 @@ def token_logprobs(
     if getattr(lm.config, "final_logit_softcapping", None):
         raise NotImplementedError("chunked logprobs assume logits = lm_head(hidden); this model soft-caps them")
     head = lm.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise NotImplementedError(f"{type(lm).__name__} has no linear LM head (get_output_embeddings)")
     computed: dict[str, torch.Tensor | None] = {}
 
     def logprobs_head(hidden: torch.Tensor) -> torch.Tensor:
