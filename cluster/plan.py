@@ -26,8 +26,8 @@ learner rank (one DeepSpeed rank; capacity = gpus_per_rank x hardware.gpu_memory
                     and its gradients (2 layers' worth).
     log-probs       the (tokens x vocab) fp32 logits of token_logprobs and what backward makes of them: 3 copies
                     (logits, logsumexp's gradient, gather's scattered gradient; entropy's softmax is transient in
-                    forward) x chunk x vocab x 4 bytes, chunk = learner.logprob_chunk_tokens when the learner has
-                    that field, else the whole micro-batch (this learner scores a micro-batch at once).
+                    forward) x chunk x vocab x 4 bytes, chunk = learner.logprob_chunk_tokens (0: the whole
+                    micro-batch at once).
                     Without checkpointing the log-prob stage adds to all saved activations (both live at the end
                     of forward); with it, the peak is the larger of it and the recomputed layer with its gradients.
                     Checked on CPU against real learner steps: bench/plan_check.py, bench/RESULTS.md.
@@ -357,8 +357,7 @@ def plan_learner(config: JobConfig, arch: Architecture, chunk_tokens: int | None
     """One learner rank; `chunk_tokens` overrides learner.logprob_chunk_tokens (None = the config's)."""
     learner, on_gpu = config.learner, _on_gpu(config)
     if chunk_tokens is None:
-        # A parallel change adds learner.logprob_chunk_tokens; until then the learner scores whole micro-batches.
-        chunk_tokens = getattr(learner, "logprob_chunk_tokens", None) or None
+        chunk_tokens = learner.logprob_chunk_tokens or None
     shape = LearnerShape(
         arch=arch, seq_len=_seq_len(config), zero_stage=learner.zero_stage, world_size=learner.world_size,
         p=dtype_bytes(learner.dtype, on_gpu), checkpointing=learner.gradient_checkpointing,

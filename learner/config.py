@@ -94,5 +94,9 @@ class LearnerConfig(BaseModel):
     ppo_epochs: int = Field(1, ge=1, description="Optimizer passes over each batch of trajectories.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per batch (1 = one step per batch).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    logprob_chunk_tokens: int = Field(
+        1024, ge=0, description="Tokens per chunk of the LM head when computing logprobs and entropy (learner.logprobs): "
+        "never more than this many tokens' logits exist at once, recomputed in backward; 0 = whole logits at once.",
+    )
     weight_sync_bucket_mb: int = Field(256, ge=1, description="Flat bucket size of the weight broadcast, MiB.")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="The GRPO objective.")

@@ -89,6 +89,11 @@ def deepspeed_config(config: LearnerConfig, trainable: bool = True) -> dict[str,
         ds.update(gradient_accumulation_steps=1, gradient_clipping=config.grad_clip, zero_allow_untested_optimizer=True)
     if resolve_dtype(config) == torch.bfloat16:
         ds["bf16"] = {"enabled": True}
+        if trainable and config.zero_stage > 0:
+            # Without it DeepSpeed 0.19.8 sums micro-batch gradients in bf16. With it, stage 1 becomes the
+            # BF16_Optimizer (fp32 gradient buffers) and stages 2-3 keep fp32 gradient partitions. Stage 0 raises
+            # NotImplementedError on this mix, so there bf16 accumulation stays (use stage >= 1 to avoid it).
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if config.zero_stage == 3:
         # Gather whole layers at once on small models; big models still prefetch in bounded buckets.
         ds["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=5e7)

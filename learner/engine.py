@@ -118,7 +118,8 @@ class LearnerEngine:
             micro = batch.rows(micro_start, micro_stop).to(self.device)
             ref_logprobs = self.reference.logprobs(micro) if self.reference is not None else None
             logprobs, entropy = token_logprobs(self.engine, micro.input_ids, micro.attention_mask, with_entropy=True,
-                                               temperature=grpo.logit_temperature, entropy_grad=grpo.entropy_coef > 0)
+                                               temperature=grpo.logit_temperature, entropy_grad=grpo.entropy_coef > 0,
+                                               chunk_tokens=config.logprob_chunk_tokens)
             loss, metrics = policy_loss(
                 logprobs, old_logprobs[micro_start:micro_stop, : logprobs.shape[1]].to(self.device),
                 micro.advantages, micro.loss_mask, clip=grpo.clip, agg=grpo.agg, ref_logprobs=ref_logprobs,
@@ -162,7 +163,8 @@ class LearnerEngine:
         """Current-policy logprobs of the batch (or of `rows`), (B, T-1) on CPU, 0 on padding; no gradient."""
         self.engine.eval()
         temperature = self.config.grpo.logit_temperature
-        return batch_logprobs(self.engine, batch, self.config.micro_batch_size, self.device, temperature, rows)
+        return batch_logprobs(self.engine, batch, self.config.micro_batch_size, self.device, temperature, rows,
+                              self.config.logprob_chunk_tokens)
 
     def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) one parameter at a time; every rank must iterate (a collective under ZeRO-3).

@@ -26,9 +26,11 @@ class ReferencePolicy:
         model.eval()
         self.model = model
         self.temperature = config.grpo.logit_temperature
+        self.chunk_tokens = config.logprob_chunk_tokens
 
     @torch.no_grad()
     def logprobs(self, micro: TrainBatch) -> torch.Tensor:
         """Reference next-token logprobs of one micro-batch, (B, T-1) in fp32, 0 on padding."""
-        logprobs, _ = token_logprobs(self.model, micro.input_ids, micro.attention_mask, temperature=self.temperature)
+        logprobs, _ = token_logprobs(self.model, micro.input_ids, micro.attention_mask, temperature=self.temperature,
+                                     chunk_tokens=self.chunk_tokens)
         return logprobs

@@ -65,27 +65,28 @@ def test_padded_and_unpadded_logprobs_agree(learner: LearnerEngine) -> None:
         torch.testing.assert_close(padded[row, :width], single[0], atol=1e-5, rtol=0)
 
 
-def test_masked_tokens_get_exactly_zero_gradient(policy_path: str) -> None:
+@pytest.mark.parametrize("chunk_tokens", [None, 4])
+def test_masked_tokens_get_exactly_zero_gradient(policy_path: str, chunk_tokens: int | None) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     batch = training_batch(trajectory_groups(), model.config.pad_token_id)
     captured = {}
 
-    def keep_logits(_module, _inputs, output):  # noqa: ANN001, ANN202 - a forward hook
-        output.retain_grad()
-        captured["logits"] = output
+    def keep_hidden(_module, inputs):  # noqa: ANN001, ANN202 - a forward pre-hook on the LM head
+        inputs[0].retain_grad()
+        captured["hidden"] = inputs[0]
 
     with torch.no_grad():
-        behaviour, _ = token_logprobs(model, batch.input_ids, batch.attention_mask)
-    model.lm_head.register_forward_hook(keep_logits)
-    logprobs, _ = token_logprobs(model, batch.input_ids, batch.attention_mask)
+        behaviour, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, chunk_tokens=chunk_tokens)
+    model.lm_head.register_forward_pre_hook(keep_hidden)
+    logprobs, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, chunk_tokens=chunk_tokens)
     advantages = torch.linspace(-1, 1, batch.size)
     # On-policy (ratio 1): no token is clipped, so every masked-in token must receive gradient.
     loss, _ = policy_loss(logprobs, behaviour, advantages, batch.loss_mask, kl_coef=0.0)
     loss.backward()
-    # Logits at position p predict token p + 1: their gradient is that token's, laid out like loss_mask.
-    per_position = captured["logits"].grad[:, :-1].abs().sum(-1)
+    # The LM head's input at position p predicts token p + 1: its gradient is that token's, laid out like loss_mask.
+    per_position = captured["hidden"].grad[:, :-1].abs().sum(-1)
     masked_out = batch.loss_mask == 0
     assert (per_position[masked_out] == 0).all()
     assert (per_position[~masked_out] > 0).all()

@@ -139,8 +139,9 @@ def test_seven_b_on_a100_40gb_verdicts() -> None:
     plans = plan(config)
     learner, rollout, retrieval = plans["learner_rank"], plans["rollout_engine"], plans["retrieval_replica"]
     assert learner.capacity == 40 * GIB and learner.extra["seq_len"] == 8704
-    assert not learner.fits  # whole-micro-batch log-probs of 2 x 8704 tokens x 152k vocabulary: 29.6 GiB
-    assert plan(config, chunk_tokens=1024)["learner_rank"].fits
+    assert learner.fits  # log-probs in 1,024-token chunks (learner.logprob_chunk_tokens)
+    # Whole-micro-batch log-probs of 2 x 8704 tokens x 152k vocabulary (29.6 GiB) would not fit.
+    assert not plan(load_config("qwen2.5-7b-instruct", ["learner.logprob_chunk_tokens=0"]))["learner_rank"].fits
     # KV per token per GPU at TP 2: 2 x 28 layers x 2 KV heads x 128 x 2 bytes.
     assert rollout.extra["kv_bytes_per_token"] == 28672 and rollout.fits
     assert retrieval.breakdown["index"] == WIKI18_PASSAGES * 768 * 4 and retrieval.fits
