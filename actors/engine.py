@@ -207,9 +207,11 @@ def descendant_pids(pid: int) -> list[int]:
     return sorted(found)
 
 
-def free_orphaned_shm(prefix: str = "psm_") -> list[str]:
+def free_orphaned_shm(prefix: str = "psm_", min_age_s: float = 30.0) -> list[str]:
     """Remove /dev/shm segments named `prefix`* that no live process maps: what a killed engine leaves behind (its
-    message queues). A segment in use is always mapped by its creator, so nothing live is touched."""
+    message queues). A segment in use is always mapped by its creator; one younger than `min_age_s` is left alone
+    too, since an engine starting right now may not have mapped it yet."""
+    newest = time.time() - min_age_s
     mapped: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
@@ -219,6 +221,11 @@ def free_orphaned_shm(prefix: str = "psm_") -> list[str]:
         mapped.update(line.split()[-1] for line in text.splitlines() if "/dev/shm/" in line)
     removed = []
     for segment in Path("/dev/shm").glob(f"{prefix}*"):
+        try:
+            if segment.stat().st_mtime > newest:
+                continue
+        except OSError:
+            continue
         if str(segment) not in mapped:
             try:
                 segment.unlink()

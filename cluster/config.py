@@ -62,6 +62,14 @@ class TrainerConfig(BaseModel):
     val_every: int = Field(10, ge=0, description="Greedy validation every K steps (0 = only before and after).")
     save_every: int = Field(50, ge=0, description="Checkpoint every K steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    max_learner_restarts: int = Field(
+        1, ge=0, description="When a learner rank dies, rebuild the learner group from the last checkpoint this many "
+        "times per run (the data position is restored with it); 0 = the job ends and a person runs --resume.",
+    )
+    stop_grace_s: float = Field(
+        120.0, ge=0, description="On SIGTERM/SIGINT, how long the update in progress may take to finish before the "
+        "job stops at the last checkpoint instead (ray job stop waits only $RAY_JOB_STOP_WAIT_TIME_S, 3 s by default).",
+    )
 
 
 class LoggingConfig(BaseModel):

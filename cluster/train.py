@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,9 +24,13 @@ import ray
 from cluster.config import ConfigError, JobConfig, load_config
 from cluster.data_stream import PromptItem, PromptStream
 from cluster.metrics import MetricsLogger, batch_metrics, plot_curves, validation_metrics
-from cluster.rollout_pool import RolloutPool, stop_actors
+from cluster.rollout_pool import ACTOR_GONE, RolloutPool, stop_actors
 
 log = logging.getLogger("research.train")
+
+
+class LearnerFailed(RuntimeError):
+    """A learner rank died during an update or a weight sync."""
 CONTROL_FILE = "control.json"
 
 
@@ -78,6 +83,9 @@ class Trainer:
         log.info("retrieval service at %s", ", ".join(urls))
 
         self.learner = LearnerGroup(config.resolved_learner(), self.policy_path)
+        self.learner_restarts = 0
+        self.stopping: str | None = None
+        """Why the run stops early (SIGTERM, SIGINT), once asked to."""
         make_actor = remote_rollout_actor(self.policy_path, config.rollout, retrieval.model_copy(update={"urls": urls}),
                                           config.seed)
         self.pool = RolloutPool(make_actor, self.learner)
@@ -95,6 +103,7 @@ class Trainer:
         trainer = self.config.trainer
         batch_size, window = trainer.batch_size, (trainer.max_staleness + 1) * trainer.batch_size
         max_steps = trainer.max_steps or 10**12
+        stop = self._stop_on_signals()
         first_val = await self.validate()
         self.metrics.log(self.step, first_val)
         buffer: list[tuple[PromptItem, pa.RecordBatch]] = []
@@ -102,7 +111,7 @@ class Trainer:
         learning: asyncio.Task | None = None
         learning_groups = 0  # groups taken by the running update count against the window until it finishes
         step_started = time.perf_counter()
-        while self.step < max_steps:
+        while self.step < max_steps and not self.stopping:
             # admission control: at most max_staleness + 1 batches of work generated ahead of the learner
             while (len(buffer) + self.pool.in_flight + learning_groups < window
                    and (item := self.stream.next()) is not None):
@@ -117,14 +126,39 @@ class Trainer:
                 learning = asyncio.ensure_future(self._learn(taken, step_started))
             if not pending and learning is None:
                 break  # nothing in flight, nothing to learn: the data is exhausted
-            waiting = pending | ({learning} if learning else set())
+            waiting = pending | ({learning} if learning else set()) | {stop}
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if stop in done and learning is not None:
+                # A step boundary comes first: the update in progress may finish within the grace period.
+                await asyncio.wait({learning}, timeout=trainer.stop_grace_s)
+                done = {learning} if learning.done() else set()
+                if not done:
+                    log.warning("the step in progress did not finish within %.0f s; stopping without it, so the "
+                                "last periodic checkpoint is where --resume starts", trainer.stop_grace_s)
+                    break
             for future in done:
+                if future is stop:
+                    continue
                 if future is learning:
-                    learning.result()
                     learning, learning_groups = None, 0
+                    try:
+                        future.result()
+                    except LearnerFailed as error:
+                        await self._restart_learner(error)
+                        for lost in pending:  # generated for the rolled-back lineage: the prompts are issued anew
+                            lost.cancel()
+                        buffer, pending = [], set()
+                        step_started = time.perf_counter()
+                        continue
                     step_started = time.perf_counter()
-                    await self._between_steps()
+                    if not self.stopping:
+                        try:
+                            await self._between_steps()
+                        except LearnerFailed as error:
+                            await self._restart_learner(error)
+                            for lost in pending:
+                                lost.cancel()
+                            buffer, pending = [], set()
                     continue
                 pending.discard(future)
                 finished = future.result()
@@ -137,6 +171,13 @@ class Trainer:
                     await asyncio.to_thread(self.pool.sync_weights)
         for future in pending:
             future.cancel()
+        stop.cancel()
+        if self.stopping:
+            checkpoint = self.save() if learning is None or learning.done() else None
+            self.metrics.close()
+            log.info("stopped on %s at step %d; `--resume` continues from %s", self.stopping, self.step, checkpoint)
+            return {"steps": self.step, "stopped": self.stopping, "checkpoint": checkpoint,
+                    "policy_version": self.learner.policy_version, "learner_restarts": self.learner_restarts}
         last_val = await self.validate()
         self.metrics.log(self.step, last_val)
         checkpoint = self.save()
@@ -145,7 +186,60 @@ class Trainer:
         png = plot_curves(self.run_dir)
         return {"steps": self.step, "policy_version": self.learner.policy_version, "checkpoint": checkpoint,
                 "hf_export": export, "curves": str(png), "val_before": first_val, "val_after": last_val,
-                "rollout_actors_replaced": self.pool.replaced, "rollouts_failed": self.pool.failed}
+                "rollout_actors_replaced": self.pool.replaced, "rollouts_failed": self.pool.failed,
+                "learner_restarts": self.learner_restarts}
+
+    def _stop_on_signals(self) -> asyncio.Future:
+        """SIGTERM (what `ray job stop` and Kubernetes send) and SIGINT end the run at the next step boundary with a
+        checkpoint; the returned future resolves when one arrives."""
+        loop, stop = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+
+        def request(sig: signal.Signals) -> None:
+            if self.stopping is None:
+                log.warning("%s: checkpointing at the next step boundary, then stopping", sig.name)
+                self.stopping = sig.name
+            if not stop.done():
+                stop.set_result(sig.name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, request, sig)
+        return stop
+
+    async def _restart_learner(self, error: BaseException) -> None:
+        """A learner rank died: rebuild the learner group from the last checkpoint (or the initial policy) with the
+        data position saved with it, so every prompt is trained exactly once counting from that checkpoint."""
+        self.learner_restarts += 1
+        limit = self.config.trainer.max_learner_restarts
+        if self.learner_restarts > limit:
+            raise RuntimeError(f"a learner rank died and trainer.max_learner_restarts={limit} is used up") from error
+        log.warning("a learner rank died (%s); restart %d of %d from the last checkpoint", error,
+                    self.learner_restarts, limit)
+        from learner.learner_actor import LearnerGroup
+
+        self.learner.shutdown()
+        self.learner = LearnerGroup(self.config.resolved_learner(), self.policy_path)
+        self.pool.learner, self.pool.group_stale = self.learner, True
+        if (self.run_dir / "checkpoints").is_dir():
+            self._resume()
+        else:
+            self.step = 0
+            self.stream = PromptStream(len(self.train_questions), self.config.trainer.epochs, self.config.seed)
+        self._roll_back_audit()
+        await asyncio.to_thread(self.pool.sync_weights)
+
+    def _roll_back_audit(self) -> None:
+        """trained.jsonl keeps the steps of the learner's lineage only; later ones move to trained-rolled-back.jsonl."""
+        path = self.run_dir / "trained.jsonl"
+        if not path.is_file():
+            return
+        kept, dropped = [], []
+        for line in path.read_text().splitlines():
+            (kept if json.loads(line)["step"] <= self.step else dropped).append(line + "\n")
+        with open(self.run_dir / "trained-rolled-back.jsonl", "a", encoding="utf-8") as rolled_back:
+            rolled_back.writelines(dropped)
+        partial = path.with_suffix(".tmp")
+        partial.write_text("".join(kept))
+        partial.replace(path)
 
     async def _learn(self, taken: list[tuple[PromptItem, pa.RecordBatch]], step_started: float) -> None:
         """One policy update on `taken` groups: advantages, the learner's update, the weight sync; logs the step."""
@@ -160,10 +254,15 @@ class Trainer:
         trajectories = with_advantages(groups, grpo.advantage, grpo.eps)
         waited = time.perf_counter() - step_started
         started = time.perf_counter()
-        learner_metrics = await asyncio.to_thread(self.learner.train_step, trajectories)
-        learner_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        await asyncio.to_thread(self.pool.sync_weights)
+        try:
+            learner_metrics = await asyncio.to_thread(self.learner.train_step, trajectories)
+            learner_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            await asyncio.to_thread(self.pool.sync_weights)
+        except ACTOR_GONE as error:
+            if not self.learner.any_dead():
+                raise
+            raise LearnerFailed(str(error)) from error
         sync_seconds = time.perf_counter() - started
         for item, _ in taken:
             self.stream.consume(item)
@@ -204,7 +303,10 @@ class Trainer:
         if trainer.val_every and self.step % trainer.val_every == 0:
             self.metrics.log(self.step, await self.validate())
         if trainer.save_every and self.step % trainer.save_every == 0:
-            self.save()
+            try:
+                self.save()
+            except ACTOR_GONE as error:
+                raise LearnerFailed(str(error)) from error
         self._apply_control()
         if self.pool.reap_retired() or self.pool.group_stale:
             await asyncio.to_thread(self.pool.sync_weights)
@@ -299,7 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = asyncio.run(trainer.run())
     finally:
         trainer.shutdown()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        # Disconnects from a cluster, or stops the local one this driver started (dashboard and runtime-env agents
+        # included); then segments of engines that were killed rather than shut down go too.
+        ray.shutdown()
+        from actors.engine import free_orphaned_shm
+
+        free_orphaned_shm()
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -165,6 +165,19 @@ class LearnerGroup:
             self.shutdown()
             raise
 
+    def any_dead(self, timeout_s: float = 30.0) -> bool:
+        """Whether Ray reports any rank gone (a rank busy in a collective still answers once it is free)."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        for actor in self.actors:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                return True
+            except ray.exceptions.GetTimeoutError:
+                continue
+        return False
+
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call `method` on every rank at once (they are collectives) and wait for all answers."""
         return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
