@@ -14,7 +14,7 @@ export RESEARCH_CACHE := $(CURDIR)/.cache/research
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast chaos lint bench clean
 
 demo: $(VENV)/.stamp-cpu-demo
 	$(PY) -m cluster.demo
@@ -26,6 +26,11 @@ test: $(VENV)/.stamp-cpu-demo-dev
 # The unit tier: no vLLM engine, Ray cluster or server is started (those tests are marked `slow`).
 test-fast: $(VENV)/.stamp-cpu-demo-dev
 	$(PY) -m pytest tests -q -m "not slow" -p no:cacheprovider
+
+# A test-tiny epoch with a rollout actor, an engine, the retrieval replica and a learner rank killed, then SIGTERM and
+# --resume: every prompt trained exactly once (CHAOS_SEED picks the moments). Also part of `make test`.
+chaos: $(VENV)/.stamp-cpu-demo-dev
+	$(PY) -m pytest tests/e2e/test_chaos.py -q -s -p no:cacheprovider
 
 lint: $(VENV)/.stamp-cpu-demo-dev
 	$(VENV)/bin/ruff check .

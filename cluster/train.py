@@ -219,8 +219,11 @@ class Trainer:
         self.learner.shutdown()
         self.learner = LearnerGroup(self.config.resolved_learner(), self.policy_path)
         self.pool.learner, self.pool.group_stale = self.learner, True
-        if (self.run_dir / "checkpoints").is_dir():
-            self._resume()
+        from learner.checkpoint import newest_complete_tag
+
+        tag = newest_complete_tag(self.run_dir / "checkpoints")
+        if tag is not None:
+            self._resume(tag)
         else:
             self.step = 0
             self.stream = PromptStream(len(self.train_questions), self.config.trainer.epochs, self.config.seed)
@@ -323,8 +326,9 @@ class Trainer:
         return validation_metrics([r.batch for r in results if r.batch is not None])
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        state = self.learner.load(str(self.run_dir / "checkpoints"))
+    def _resume(self, tag: str | None = None) -> None:
+        """Restore the learner and the data position from the newest (or the given) checkpoint."""
+        state = self.learner.load(str(self.run_dir / "checkpoints"), tag)
         position = state.get("data_position") or {}
         self.step = int(position.get("step", 0))
         self.stream.load_state_dict(position["stream"])
@@ -352,15 +356,26 @@ class Trainer:
             self.pool.scale_to(target)
 
     def _write_actors(self) -> None:
-        """run_dir/actors.json: the live rollout actors' PIDs (operators and tests use it)."""
-        pids = []
-        for slot in list(self.pool.slots.values()):
-            try:
-                pids.append(ray.get(slot.handle.pid.remote(), timeout=60))
-            except Exception:  # noqa: BLE001 - a dying actor is found and replaced by the dispatch path
-                continue
+        """run_dir/actors.json: PIDs of the job's processes by role (operators and the fault-injection tests use it)."""
+        def answers(calls: list[Any]) -> list[Any]:
+            found = []
+            for call in calls:
+                try:
+                    found.append(ray.get(call, timeout=60))
+                except Exception:  # noqa: BLE001 - a dying actor is found and replaced by the dispatch path
+                    continue
+            return found
+
+        handles = [slot.handle for slot in list(self.pool.slots.values())]
+        state = {
+            "step": self.step,
+            "rollout_pids": answers([h.pid.remote() for h in handles]),
+            "engine_pids": [pid for pids in answers([h.engine_pids.remote() for h in handles]) for pid in pids],
+            "learner_pids": answers([rank.pid.remote() for rank in self.learner.actors]),
+            "retrieval_pids": answers([replica.pid.remote() for replica in self.replicas]),
+        }
         partial = self.run_dir / "actors.json.tmp"
-        partial.write_text(json.dumps({"step": self.step, "rollout_pids": pids}))
+        partial.write_text(json.dumps(state))
         partial.replace(self.run_dir / "actors.json")
 
     def shutdown(self) -> None:

@@ -69,6 +69,16 @@ def latest_tag(root: str | Path) -> str | None:
     return latest.read_text().strip() if latest.exists() else None
 
 
+def newest_complete_tag(root: str | Path) -> str | None:
+    """The newest checkpoint whose driver state was written (a save killed half-way has none), or None."""
+    root = Path(root)
+    latest = latest_tag(root)
+    if latest and (root / latest / DRIVER_STATE).is_file():
+        return latest
+    steps = [int(d.name[4:]) for d in root.glob("step*") if d.name[4:].isdigit() and (d / DRIVER_STATE).is_file()]
+    return f"step{max(steps)}" if steps else None
+
+
 def load_checkpoint(learner: LearnerEngine, root: str | Path, tag: str | None = None) -> dict[str, Any]:
     """Restore model, optimizer, scheduler, RNG and step on every rank; returns the driver state."""
     root = Path(root)

@@ -36,6 +36,10 @@ class Learner:
 
         return ray.util.get_node_ip_address(), get_free_port()
 
+    def pid(self) -> int:
+        """This rank's process id (the fault-injection tests kill it)."""
+        return os.getpid()
+
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the DeepSpeed process group and build the engine (and the reference when kl_coef > 0)."""
         from learner.distributed import init_distributed

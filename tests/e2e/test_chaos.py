@@ -1,0 +1,105 @@
+"""Chaos: a test-tiny epoch during which a rollout actor, an engine process, the retrieval replica and a learner rank
+are each killed once, then the driver gets SIGTERM and a `--resume` finishes the epoch. Every prompt of the epoch is
+trained exactly once, and nothing of the run is left running or in /dev/shm.
+
+`make chaos` runs this file alone; its figures (kills, prompts trained, duplicates, seconds lost per kill) are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from actors.engine import descendant_pids
+from tests.e2e.test_train_job import driver, trained, wait, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.chaos]
+
+PROMPTS = 32  # 8 steps of 4 groups
+
+
+def pids(run_dir: Path, role: str) -> list[int]:
+    """PIDs of one role from the driver's run_dir/actors.json (written at every step boundary)."""
+    path = run_dir / "actors.json"
+    return json.loads(path.read_text()).get(role, []) if path.is_file() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill_at_step(run_dir: Path, role: str, steps: int, rng: random.Random) -> dict:
+    """Once `steps` steps are trained, wait a random moment of the next step and SIGKILL one process of `role`."""
+    wait_for(lambda: len(trained(run_dir)) >= steps and pids(run_dir, role), timeout=600)
+    time.sleep(rng.uniform(0.0, 2.0))
+    victim = rng.choice(pids(run_dir, role))
+    os.kill(victim, signal.SIGKILL)
+    return {"role": role, "pid": victim, "after_step": len(trained(run_dir)), "at": time.time()}
+
+
+def seconds_lost(run_dir: Path, kills: list[dict]) -> list[float]:
+    """For each kill, how much longer than the median step the step it landed in took (metrics.jsonl times)."""
+    from cluster.metrics import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if "time/step" in r]
+    typical = sorted(r["time/step"] for r in rows)[len(rows) // 2]
+    lost = []
+    for kill in kills:
+        hit = next((r for r in rows if r["time"] >= kill["at"]), None)
+        lost.append(round(hit["time/step"] - typical, 1) if hit else float("nan"))
+    return lost
+
+
+def test_every_prompt_is_trained_once_through_kills_sigterm_and_resume(ray_head: dict, tmp_path: Path) -> None:
+    rng = random.Random(int(os.environ.get("CHAOS_SEED", "0")))
+    run_dir = tmp_path / "chaos"
+    run_dir.mkdir()
+    shm_before = {p.name for p in Path("/dev/shm").glob("psm_*")}
+    common = (f"data.max_train_questions={PROMPTS}", "trainer.max_steps=null", "trainer.epochs=1",
+              "trainer.save_every=2", "trainer.val_every=0", "data.val_size=0", "rollout.num_actors=2",
+              "trainer.max_learner_restarts=1", "retrieval.outage_wait_s=120")
+    process = driver(run_dir, ray_head, *common)
+    kills = []
+    try:
+        kills.append(kill_at_step(run_dir, "rollout_pids", 1, rng))
+        kills.append(kill_at_step(run_dir, "engine_pids", kills[-1]["after_step"] + 1, rng))
+        kills.append(kill_at_step(run_dir, "retrieval_pids", kills[-1]["after_step"] + 1, rng))
+        kills.append(kill_at_step(run_dir, "learner_pids", max(kills[-1]["after_step"] + 1, 2), rng))
+        # After the learner's restart from its checkpoint, a SIGTERM: checkpoint at the next boundary, exit 0.
+        wait_for(lambda: (run_dir / "trained-rolled-back.jsonl").exists() or len(trained(run_dir)) >= 5, timeout=600)
+        wait_for(lambda: len(trained(run_dir)) >= 3, timeout=600)
+        children = descendant_pids(process.pid)
+        process.send_signal(signal.SIGTERM)
+        wait(process, run_dir, timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    lost = seconds_lost(run_dir, kills)
+    first = json.loads((run_dir / "summary.json").read_text())
+    assert first["stopped"] == "SIGTERM" and first["checkpoint"], first
+    assert first["learner_restarts"] == 1, first
+    time.sleep(2)
+    assert [pid for pid in children if alive(pid)] == []  # the local processes the driver started are gone
+
+    wait(driver(run_dir, ray_head, *common, resume=True), run_dir, timeout=900)
+    steps = trained(run_dir)
+    prompts = [tuple(p) for step in steps for p in step["prompts"]]
+    duplicates = len(prompts) - len(set(prompts))
+    assert sorted(prompts) == [(0, i) for i in range(PROMPTS)], f"{duplicates} duplicates"
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    leftover = {p.name for p in Path("/dev/shm").glob("psm_*")} - shm_before
+    assert leftover == set()
+    print(f"\nchaos: {len(kills)} kills ({', '.join(k['role'] for k in kills)}), {len(set(prompts))} prompts trained "
+          f"once, {duplicates} duplicates, {len(steps)} steps; seconds lost per kill vs the median step: {lost}; "
+          f"rollout actors replaced in the resumed run: {summary.get('rollout_actors_replaced')}")
