@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         from actors.engine import free_orphaned_shm
 
         free_orphaned_shm()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
