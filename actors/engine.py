@@ -207,10 +207,9 @@ def descendant_pids(pid: int) -> list[int]:
     return sorted(found)
 
 
-def free_orphaned_shm(prefix: str = "psm_", min_age_s: float = 30.0) -> list[str]:
-    """Remove /dev/shm segments named `prefix`* that no live process maps: what a killed engine leaves behind (its
-    message queues). A segment in use is always mapped by its creator; one younger than `min_age_s` is left alone
-    too, since an engine starting right now may not have mapped it yet."""
+def orphaned_shm(prefix: str = "psm_", min_age_s: float = 30.0) -> list[Path]:
+    """/dev/shm segments named `prefix`* that no live process maps and that are older than `min_age_s` (an engine
+    starting right now may not have mapped its new segment yet): what a killed engine leaves of its queues."""
     newest = time.time() - min_age_s
     mapped: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
@@ -219,17 +218,23 @@ def free_orphaned_shm(prefix: str = "psm_", min_age_s: float = 30.0) -> list[str
         except OSError:
             continue
         mapped.update(line.split()[-1] for line in text.splitlines() if "/dev/shm/" in line)
-    removed = []
+    found = []
     for segment in Path("/dev/shm").glob(f"{prefix}*"):
         try:
-            if segment.stat().st_mtime > newest:
-                continue
+            if segment.stat().st_mtime <= newest and str(segment) not in mapped:
+                found.append(segment)
         except OSError:
             continue
-        if str(segment) not in mapped:
-            try:
-                segment.unlink()
-                removed.append(segment.name)
-            except OSError:
-                continue
+    return found
+
+
+def free_orphaned_shm(prefix: str = "psm_", min_age_s: float = 30.0) -> list[str]:
+    """Remove the orphaned segments (orphaned_shm); a segment in use is always mapped, so nothing live is touched."""
+    removed = []
+    for segment in orphaned_shm(prefix, min_age_s):
+        try:
+            segment.unlink()
+            removed.append(segment.name)
+        except OSError:
+            continue
     return removed
