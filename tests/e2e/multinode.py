@@ -1,0 +1,114 @@
+"""A multi-node Ray cluster on one machine: a head plus worker nodes on 127.0.0.2, 127.0.0.3 ... (docs/cpu-stack.md #6).
+
+Each worker node advertises one custom resource, so config placement (`learner.resources`, `rollout.resources`,
+`retrieval.resources`) decides which node an actor lands on, and each node has its own IP: a server that listens on
+another node's address, or on a hard-coded loopback address, is refused just as between real hosts. Ray maps a head
+asked for on 127.0.0.1 to the machine's routable address (ray._private.services.resolve_ip_for_localhost, because
+multi-node clusters need RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1); nothing of the job runs there but the driver.
+Every process is started with `--block` in a session of its own and stopped by its process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from retrieval_service.process import free_port
+from tests.e2e.conftest import BIN
+
+CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@dataclass
+class LocalCluster:
+    """The running cluster: its GCS address and the worker nodes' IPs by resource name."""
+
+    gcs: str
+    temp_dir: Path
+    nodes: dict[str, str] = field(default_factory=dict)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """SIGTERM each `ray start --block` process group we created (workers first), then SIGKILL what is left."""
+        for process in reversed(self.processes):
+            _signal_group(process, signal.SIGTERM)
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(process, signal.SIGKILL)
+        subprocess.run(["rm", "-rf", str(self.temp_dir)], check=False)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_cluster(workers: dict[str, tuple[str, float]], head_cpus: float = 1, env: dict[str, str] | None = None,
+                  timeout: float = 180) -> LocalCluster:
+    """Head on 127.0.0.1 plus one worker node per entry {resource: (ip, cpus)}; returns once all are alive."""
+    temp_dir = Path("/tmp") / f"ray-mn-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **(env or {}), **CLUSTER_ENV}
+    port = free_port()
+    cluster = LocalCluster(gcs=f"127.0.0.1:{port}", temp_dir=temp_dir)
+    try:
+        cluster.processes.append(_ray_start(
+            ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", str(head_cpus),
+             "--num-gpus", "0", "--include-dashboard", "false", "--temp-dir", str(temp_dir)], env,
+            temp_dir.parent / f"{temp_dir.name}-head.log"))
+        _wait_nodes(cluster, 1, timeout)
+        for resource, (ip, cpus) in workers.items():
+            cluster.processes.append(_ray_start(
+                ["--address", cluster.gcs, "--node-ip-address", ip, "--num-cpus", str(cpus), "--num-gpus", "0",
+                 "--resources", json.dumps({resource: 100})], env, temp_dir.parent / f"{temp_dir.name}-{ip}.log"))
+            cluster.nodes[resource] = ip
+        _wait_nodes(cluster, 1 + len(workers), timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _wait_nodes(cluster: LocalCluster, count: int, timeout: float) -> None:
+    """Poll the GCS (from a short-lived child, so this process never holds a Ray connection) until `count` nodes
+    are alive."""
+    code = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+            "print(sum(n['Alive'] for n in ray.nodes()))")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in cluster.processes):
+            raise RuntimeError(f"a `ray start` process exited; logs beside {cluster.temp_dir}")
+        result = subprocess.run([str(BIN / "python"), "-c", code, cluster.gcs], capture_output=True, text=True,
+                                env={**os.environ, **CLUSTER_ENV}, timeout=120)
+        if result.returncode == 0 and int(result.stdout.strip().splitlines()[-1]) >= count:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{count} Ray nodes not alive after {timeout:.0f} s")
+
+
+def connected(cluster: LocalCluster) -> Iterator[None]:
+    """Attach this process to the cluster as a driver for the duration of a with-block."""
+    ray.init(address=cluster.gcs, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
