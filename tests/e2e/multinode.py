@@ -15,11 +15,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import ray
 
 from retrieval_service.process import free_port
 from tests.e2e.conftest import BIN
@@ -56,15 +53,24 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def _ray_start(args: list[str], env: dict[str, str], log: Path, timeout: float) -> subprocess.Popen:
+    """One `ray start --block`, returned once its node is up (it prints that it blocks); one node at a time, since
+    raylets that start together on two busy cores time out registering with the GCS."""
     with open(log, "ab") as out:
-        return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while "block forever" not in log.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            _signal_group(process, signal.SIGKILL)
+            raise RuntimeError(f"`ray start {' '.join(args)}` did not come up; see {log}")
+        time.sleep(0.5)
+    return process
 
 
 def start_cluster(workers: dict[str, tuple[str, float]], head_cpus: float = 1, env: dict[str, str] | None = None,
                   timeout: float = 180) -> LocalCluster:
-    """Head on 127.0.0.1 plus one worker node per entry {resource: (ip, cpus)}; returns once all are alive."""
+    """Head on 127.0.0.1 plus one worker node per entry {resource: (ip, cpus)}; returns once all are up."""
     temp_dir = Path("/tmp") / f"ray-mn-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
     temp_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **(env or {}), **CLUSTER_ENV}
@@ -74,41 +80,13 @@ def start_cluster(workers: dict[str, tuple[str, float]], head_cpus: float = 1, e
         cluster.processes.append(_ray_start(
             ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", str(head_cpus),
              "--num-gpus", "0", "--include-dashboard", "false", "--temp-dir", str(temp_dir)], env,
-            temp_dir.parent / f"{temp_dir.name}-head.log"))
-        _wait_nodes(cluster, 1, timeout)
+            temp_dir / "head.log", timeout))
         for resource, (ip, cpus) in workers.items():
             cluster.processes.append(_ray_start(
                 ["--address", cluster.gcs, "--node-ip-address", ip, "--num-cpus", str(cpus), "--num-gpus", "0",
-                 "--resources", json.dumps({resource: 100})], env, temp_dir.parent / f"{temp_dir.name}-{ip}.log"))
+                 "--resources", json.dumps({resource: 100})], env, temp_dir / f"{ip}.log", timeout))
             cluster.nodes[resource] = ip
-        _wait_nodes(cluster, 1 + len(workers), timeout)
     except BaseException:
         cluster.stop()
         raise
     return cluster
-
-
-def _wait_nodes(cluster: LocalCluster, count: int, timeout: float) -> None:
-    """Poll the GCS (from a short-lived child, so this process never holds a Ray connection) until `count` nodes
-    are alive."""
-    code = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes()))")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in cluster.processes):
-            raise RuntimeError(f"a `ray start` process exited; logs beside {cluster.temp_dir}")
-        result = subprocess.run([str(BIN / "python"), "-c", code, cluster.gcs], capture_output=True, text=True,
-                                env={**os.environ, **CLUSTER_ENV}, timeout=120)
-        if result.returncode == 0 and int(result.stdout.strip().splitlines()[-1]) >= count:
-            return
-        time.sleep(1)
-    raise TimeoutError(f"{count} Ray nodes not alive after {timeout:.0f} s")
-
-
-def connected(cluster: LocalCluster) -> Iterator[None]:
-    """Attach this process to the cluster as a driver for the duration of a with-block."""
-    ray.init(address=cluster.gcs, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()

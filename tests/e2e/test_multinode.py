@@ -108,6 +108,11 @@ def test_zero3_checkpoint_kill_resume_through_partial_epoch_end(cluster: LocalCl
     try:
         wait_for(lambda: checkpoint_step(run_dir) >= 1 and process.poll() is None, timeout=600, every=0.5)
         url = service_url(run_dir)
+        # The replica answers only with the token, which reached it although its node's environment lacks it.
+        assert httpx.post(f"{url}/retrieve", json={"queries": ["x"], "topk": 1}, timeout=10).status_code == 401
+        authorized = httpx.post(f"{url}/retrieve", json={"queries": ["x"], "topk": 1}, timeout=10,
+                                headers={"Authorization": f"Bearer {TOKEN}"})
+        assert authorized.status_code == 200
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
@@ -115,8 +120,6 @@ def test_zero3_checkpoint_kill_resume_through_partial_epoch_end(cluster: LocalCl
     assert url.startswith(f"http://{WORKERS['retrieval_node'][0]}:"), url
     assert "waiting for learner ranks" in log  # setup waits say what they wait for
     assert "learner ranks on 127.0.0.2, 127.0.0.2 read run_dir" in log
-    # The replica answers only with the token; the token reached it although its node's environment lacks it.
-    assert httpx.post(f"{url}/retrieve", json={"queries": ["x"], "topk": 1}, timeout=10).status_code == 401
     first = trained(run_dir)
     resumed_from = checkpoint_step(run_dir)
     (run_dir / "trained.jsonl").rename(run_dir / "trained-first.jsonl")
