@@ -33,16 +33,23 @@ class LocalCluster:
     nodes: dict[str, str] = field(default_factory=dict)
     processes: list[subprocess.Popen] = field(default_factory=list)
 
-    def stop(self) -> None:
-        """SIGTERM each `ray start --block` process group we created (workers first), then SIGKILL what is left."""
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every `ray start --block` process group we created, SIGKILL them after `grace_s` (a node would
+        otherwise drain for 30 s), then any process of this cluster's session left (they name its temp dir)."""
+        import psutil
+
         for process in reversed(self.processes):
             _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
         for process in reversed(self.processes):
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 pass
             _signal_group(process, signal.SIGKILL)
+        for leftover in psutil.process_iter(["pid", "cmdline"]):
+            if any(str(self.temp_dir) in part for part in leftover.info["cmdline"] or []):
+                leftover.kill()
         subprocess.run(["rm", "-rf", str(self.temp_dir)], check=False)
 
 

@@ -70,7 +70,7 @@ def test_ray_cluster_yaml_gpu_names_and_placement() -> None:
     config = load_config("qwen2.5-7b-instruct")
     types = cluster["available_node_types"]
     offered: dict[str, float] = {}
-    for name, node in types.items():
+    for node in types.values():
         for resource, units in node.get("resources", {}).items():
             offered[resource] = offered.get(resource, 0) + units * node.get("max_workers", 1)
     assert all(offered.get(name, 0) >= units for name, units in placement(config).items())
