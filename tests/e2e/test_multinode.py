@@ -158,3 +158,37 @@ def test_zero2_scale_and_actor_death_lose_nothing(cluster: LocalCluster, searchi
     assert summary["rollout_actors_replaced"] >= 1
     actors = [r["rollout/actors"] for r in read_metrics(run_dir) if "rollout/actors" in r]
     assert 2.0 in actors
+
+
+def test_run_dir_and_replica_placement_defaults(cluster: LocalCluster) -> None:
+    """On a multi-node cluster an unset run_dir is one line and exit 2 before anything starts; a replica without
+    placement resources runs anywhere but the head node."""
+    env = {**os.environ, **CLUSTER_ENV, "RAY_ADDRESS": cluster.gcs, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "cluster.train", "test-tiny"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == ["research train: error: run_dir=(unset): on a 4-node cluster run_dir must be an absolute path "
+                      "on storage every node mounts (learner ranks write checkpoints there)"], result.stderr[-2000:]
+
+    import ray
+
+    from cluster.config import load_config
+    from cluster.job_setup import ensure_index
+    from cluster.retrieval_replicas import HEAD_RESOURCE, start_replicas
+
+    config = load_config("test-tiny").retrieval
+    index = ensure_index(load_config("test-tiny"))
+    ray.init(address=cluster.gcs, log_to_driver=False)
+    try:
+        head = next(n["NodeManagerAddress"] for n in ray.nodes() if HEAD_RESOURCE in n["Resources"])
+        handles, urls = start_replicas(config.model_copy(update={"index_dir": str(index), "replica_cpus": 1}), 1)
+        placement = ray.get(handles[0].placement.remote())
+        ray.kill(handles[0], no_restart=True)
+    finally:
+        ray.shutdown()
+    assert placement["node_ip"] != head and placement["node_ip"] in WORKERS_IPS, placement
+    assert urls[0].startswith(f"http://{placement['node_ip']}:")
+
+
+WORKERS_IPS = [ip for ip, _ in WORKERS.values()]
