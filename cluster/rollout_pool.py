@@ -185,6 +185,8 @@ class RolloutPool:
         slots = list(self.slots.values())
         world_size = 1 + sum(s.workers for s in slots)
         host, port, backend = self.learner.open_weight_group(world_size, self.sync_timeout_s)
+        log.info("weight group at %s:%d over %s: learner rank 0 + %d engine workers", host, port, backend,
+                 world_size - 1)
         joins, offset = [], 1
         for slot in slots:
             joins.append(slot.handle.join_weight_group.remote(host, port, world_size, offset, backend))

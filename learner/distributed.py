@@ -7,7 +7,6 @@ disagree on dtype, ZeRO stage or how a partitioned model is loaded.
 from __future__ import annotations
 
 import atexit
-import datetime
 import importlib
 import ipaddress
 import logging
@@ -32,7 +31,7 @@ def disable_shm_comm() -> None:
 
 def init_distributed(
     rank: int | None = None, world_size: int | None = None, master_addr: str | None = None, master_port: int | None = None,
-    listener: socket.socket | None = None, node_ip: str | None = None, timeout_s: float = 1800.0,
+    listener: socket.socket | None = None, node_ip: str | None = None,
 ) -> None:
     """Join (or create) DeepSpeed's default process group: gloo on CPU, NCCL on GPU; a no-op if one exists.
 
@@ -68,9 +67,9 @@ def init_distributed(
             # The default group's gloo device comes from $GLOO_SOCKET_IFNAME, else from what the hostname resolves
             # to (init_process_group takes no gloo options): pin it to the network the node address is on.
             os.environ["GLOO_SOCKET_IFNAME"] = interface_of(node_ip)
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = dist.default_pg_timeout  # what the env:// rendezvous would use, for the store and collectives
         if rank == 0:
-            store = serve_store(master_addr, world_size, timeout_s, port=master_port, listener=listener)
+            store = serve_store(master_addr, world_size, timeout.total_seconds(), port=master_port, listener=listener)
         else:
             store = dist.TCPStore(master_addr, master_port, world_size, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)

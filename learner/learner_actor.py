@@ -48,7 +48,7 @@ class Learner:
         os.environ.setdefault("LOCAL_RANK", "0")
         listener, self._listener = self._listener, None
         init_distributed(self.rank, self.world_size, master_addr, master_port, listener=listener,
-                         node_ip=ray.util.get_node_ip_address(), timeout_s=self.config.setup_timeout_s)
+                         node_ip=ray.util.get_node_ip_address())
         self.engine = LearnerEngine(self.config, self.model_path)
         return self.engine.rank
 
