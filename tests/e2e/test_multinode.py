@@ -77,11 +77,15 @@ def checkpoint_step(run_dir: Path) -> int:
     return int(json.loads(state.read_text())["data_position"]["step"]) if state.is_file() else 0
 
 
-def check_run(run_dir: Path, prompts: int, steps: list[dict]) -> None:
-    """Every prompt trained exactly once, the last batch partial, every trajectory searched with no error."""
+def check_run(run_dir: Path, prompts: int, steps: list[dict], epochs: int = 1) -> None:
+    """Every prompt of every epoch trained exactly once, each epoch ending with its partial batch of prompts % 4,
+    every trajectory searched with no retrieval error."""
     trained_prompts = sorted(tuple(p) for s in steps for p in s["prompts"])
-    assert trained_prompts == [(0, i) for i in range(prompts)]
-    assert len(steps[-1]["prompts"]) == prompts % 4  # the epoch's partial last batch was trained
+    assert trained_prompts == [(e, i) for e in range(epochs) for i in range(prompts)]
+    for epoch in range(epochs):
+        batches = [s["prompts"] for s in steps if s["prompts"][0][0] == epoch]
+        assert all(p[0] == epoch for batch in batches for p in batch)  # a batch never straddles two epochs
+        assert [len(b) for b in batches] == [4] * (prompts // 4) + [prompts % 4]  # the partial batch is trained
     records = [r for r in read_metrics(run_dir) if "rollout/retrieval_errors" in r]
     assert records and all(r["rollout/retrieval_errors"] == 0 for r in records)
     assert all(r["rollout/searches"] >= 1 for r in records)  # every trajectory called the service
@@ -133,13 +137,13 @@ def test_zero3_checkpoint_kill_resume_through_partial_epoch_end(cluster: LocalCl
 
 def test_zero2_scale_and_actor_death_lose_nothing(cluster: LocalCluster, searching_policy: Path,
                                                   tmp_path: Path) -> None:
-    """2 ZeRO-2 ranks; scale 1 -> 2 -> 1 rollout actors mid-run and kill one by PID: 11 prompts in batches of 4 are
-    each trained exactly once, the epoch's last batch (3) included."""
+    """2 ZeRO-2 ranks; scale 1 -> 2 -> 1 rollout actors mid-run and kill one by PID: over 2 epochs of 11 prompts in
+    batches of 4, every prompt is trained exactly once per epoch, each epoch's last batch (3) included."""
     run_dir = tmp_path / "zero2"
     run_dir.mkdir()
     process = driver(cluster, run_dir, *PLACEMENT, f"policy.name_or_path={searching_policy}", "learner.zero_stage=2",
                      "data.max_train_questions=11", "trainer.batch_size=4", "trainer.max_steps=null",
-                     "trainer.epochs=1", "trainer.val_every=0", "trainer.save_every=0", "data.val_size=0")
+                     "trainer.epochs=2", "trainer.val_every=0", "trainer.save_every=0", "data.val_size=0")
     try:
         wait_for(lambda: len(trained(run_dir)) >= 1, timeout=500)
         subprocess.run([sys.executable, "-m", "cluster.cli", "scale", str(run_dir), "2"], check=True)
@@ -147,13 +151,13 @@ def test_zero2_scale_and_actor_death_lose_nothing(cluster: LocalCluster, searchi
                  and len(json.loads((run_dir / "actors.json").read_text())["rollout_pids"]) == 2, timeout=400)
         pids = json.loads((run_dir / "actors.json").read_text())["rollout_pids"]
         os.kill(pids[-1], signal.SIGKILL)  # an actor dies mid-run; it is replaced and its prompts requeued
-        wait_for(lambda: len(trained(run_dir)) >= 2, timeout=400)
+        wait_for(lambda: len(trained(run_dir)) >= 4, timeout=400)
         subprocess.run([sys.executable, "-m", "cluster.cli", "scale", str(run_dir), "1"], check=True)
         wait(process, run_dir, timeout=900)
     finally:
         if process.poll() is None:
             process.kill()
-    check_run(run_dir, 11, trained(run_dir))
+    check_run(run_dir, 11, trained(run_dir), epochs=2)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rollout_actors_replaced"] >= 1
     actors = [r["rollout/actors"] for r in read_metrics(run_dir) if "rollout/actors" in r]
