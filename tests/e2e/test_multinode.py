@@ -91,6 +91,20 @@ def check_run(run_dir: Path, prompts: int, steps: list[dict], epochs: int = 1) -
     assert all(r["rollout/searches"] >= 1 for r in records)  # every trajectory called the service
 
 
+def listener_names(ip: str) -> set[str]:
+    """Names of the processes with a TCP socket listening on `ip` (the test runs as the owner of every process)."""
+    import psutil
+
+    names = set()
+    for connection in psutil.net_connections("tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.ip == ip and connection.pid:
+            try:
+                names.add(psutil.Process(connection.pid).name())
+            except psutil.NoSuchProcess:
+                continue
+    return names
+
+
 def service_url(run_dir: Path) -> str:
     """The replica URL the driver logged."""
     log = (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")
@@ -117,6 +131,11 @@ def test_zero3_checkpoint_kill_resume_through_partial_epoch_end(cluster: LocalCl
         authorized = httpx.post(f"{url}/retrieve", json={"queries": ["x"], "topk": 1}, timeout=10,
                                 headers={"Authorization": f"Bearer {TOKEN}"})
         assert authorized.status_code == 200
+        # The engines' gloo devices of the weight group listen on the rollout node's address, the learner's store
+        # and devices on the learner node's.
+        assert any(name.startswith("VLLM") for name in listener_names(WORKERS["rollout_node"][0])), listener_names(
+            WORKERS["rollout_node"][0])
+        assert "ray::Learner" in listener_names(WORKERS["learner_node"][0])
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
