@@ -50,6 +50,14 @@ class RolloutConfig(BaseModel):
     num_actors: int = Field(1, ge=1, description="Rollout actors (one vLLM engine each); can change while running.")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs reserved per rollout actor (= tensor_parallel_size on GPU).")
     cpus_per_actor: float = Field(1.0, ge=0.0, description="CPUs reserved per rollout actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources each rollout actor requests, e.g. {rollout_node: 1}: "
+        "puts the actors on the nodes that advertise them.",
+    )
+    setup_timeout_s: float = Field(
+        900.0, gt=0.0, description="How long the driver waits for a new rollout actor to build its vLLM engine "
+        "(model download and load included) before it aborts the job.",
+    )
     prompt_template: Literal["base", "instruct"] = Field(
         "instruct", description="ReSearch base-model template or instruct system prompt through the chat template."
     )

@@ -115,12 +115,21 @@ class RolloutActor:
             totals[column] = totals.get(column, 0) + float(sum(values))
 
     async def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int,
-                                backend: str) -> list[int]:
-        """Join the learner's weight group (collective: the learner's WeightSender.connect runs meanwhile)."""
+                                backend: str, timeout_s: float = 300.0) -> list[int]:
+        """Join the learner's weight group (collective: the learner's WeightSender.connect runs meanwhile); the
+        engine's gloo devices bind this actor's node address (the learner's when not running under Ray)."""
         self._watch_engine()
+        local_host = _node_ip() or host
         return await self.engine.collective_rpc(
-            "research_join_weight_group", args=(host, port, world_size, rank_offset, backend)
+            "research_join_weight_group", args=(host, port, world_size, rank_offset, backend, timeout_s, local_host)
         )
+
+    def check_run_dir(self, run_dir: str, token: str) -> str:
+        """Raise unless this node reads the driver's marker in run_dir (shared storage); returns this node's IP."""
+        from cluster.storage import check_marker
+
+        check_marker(run_dir, token)
+        return _node_ip() or "local"
 
     async def load_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Receive and load the weights the learner broadcasts for `manifest` (every worker of the engine); then
@@ -181,14 +190,27 @@ class RolloutActor:
         self.engine.shutdown()
 
 
-def remote_rollout_actor(
-    model: str, config: RolloutConfig, retrieval: RetrievalConfig | None = None, seed: int = 0
-) -> Callable[[], tuple[Any, int]]:
-    """A factory of Ray RolloutActors reserving the CPUs/GPUs `config` asks for; each call starts one and returns
-    (handle, engine workers in the weight group)."""
+def _node_ip() -> str | None:
+    """This process's Ray node address, or None outside Ray."""
     import ray
 
-    actor_class = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)(RolloutActor)
+    return ray.util.get_node_ip_address() if ray.is_initialized() else None
+
+
+def remote_rollout_actor(
+    model: str, config: RolloutConfig, retrieval: RetrievalConfig | None = None, seed: int = 0,
+    env_vars: dict[str, str] | None = None,
+) -> Callable[[], tuple[Any, int]]:
+    """A factory of Ray RolloutActors reserving the CPUs/GPUs and extra resources `config` asks for (plus the
+    environment in `env_vars`); each call starts one and returns (handle, engine workers in the weight group)."""
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor}
+    if config.resources:
+        options["resources"] = dict(config.resources)
+    if env_vars:
+        options["runtime_env"] = {"env_vars": dict(env_vars)}
+    actor_class = ray.remote(**options)(RolloutActor)
 
     def make_actor() -> tuple[Any, int]:
         return actor_class.remote(model, config, retrieval, seed=seed), config.engine.tensor_parallel_size

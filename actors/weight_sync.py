@@ -40,6 +40,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -155,9 +156,34 @@ def _wait(handle: Any) -> None:
     (handle.wait if hasattr(handle, "wait") else handle.synchronize)()
 
 
+def serve_store(host: str, world_size: int, timeout_s: float, port: int = 0,
+                listener: socket.socket | None = None) -> dist.TCPStore:
+    """A TCPStore server listening on `host` only (a free port unless `port` or an already bound `listener`).
+
+    torch's TCPStore master listens on every interface (its libuv daemon binds the wildcard address whatever host
+    it is given; docs/cpu-stack.md #8), so the socket is bound here and handed over as `master_listen_fd`.
+    """
+    if listener is None:
+        listener = bind_listener(host, port)
+    bound_port = int(listener.getsockname()[1])
+    fd = listener.detach()  # the store's event loop owns (and closes) the descriptor from here on
+    return dist.TCPStore(host, bound_port, world_size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False, master_listen_fd=fd, use_libuv=True)
+
+
+def bind_listener(host: str, port: int = 0) -> socket.socket:
+    """A listening TCP socket bound to `host` alone (IPv4 or IPv6)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(512)
+    return listener
+
+
 def _gloo_device(host: str) -> Any:
-    """The gloo device: $GLOO_SOCKET_IFNAME's interface if set, else the interface of `host`, the node address the
-    group was opened on (loopback for a one-machine run), so gloo never listens on another network."""
+    """The gloo device: $GLOO_SOCKET_IFNAME's interface if set, else bound to `host`, the member's own node address
+    (ProcessGroupGloo.create_device(hostname=...) binds that address), so gloo never listens on another network."""
     if os.environ.get("GLOO_SOCKET_IFNAME"):
         return dist.ProcessGroupGloo.create_device(interface=os.environ["GLOO_SOCKET_IFNAME"])
     return dist.ProcessGroupGloo.create_device(hostname=host)
@@ -165,14 +191,13 @@ def _gloo_device(host: str) -> Any:
 
 # ---- learner side -------------------------------------------------------------------------------------------------
 class WeightSender:
-    """Rank 0 of the weight group: serves the TCPStore on `host` (its node's address), packs and broadcasts."""
+    """Rank 0 of the weight group: serves the TCPStore on `host` (its node's address) only, packs and broadcasts."""
 
     def __init__(self, host: str, world_size: int, device: torch.device | str = "cpu", timeout_s: float = 300.0):
         self.host, self.world_size, self.timeout_s = host, world_size, timeout_s
         self.device = torch.device(device)
         self.backend = backend_for(self.device)
-        self.store = dist.TCPStore(host, 0, world_size, is_master=True,
-                                   timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        self.store = serve_store(host, world_size, timeout_s)
         self.port = self.store.port
         self.group: _Group | None = None
         self._buffers: dict[str, list[torch.Tensor]] = {}  # two per dtype, reused across syncs
@@ -230,14 +255,16 @@ class WeightReceiver:
 
     def research_join_weight_group(
         self, host: str, port: int, world_size: int, rank_offset: int, backend: str = "gloo",
-        timeout_s: float = 300.0,
+        timeout_s: float = 300.0, local_host: str | None = None,
     ) -> int:
-        """Connect to the learner's TCPStore and join the weight group; returns this worker's rank in it."""
+        """Connect to the learner's TCPStore at host:port and join the weight group, with this worker's gloo device
+        on `local_host` (its own node's address; None = `host`, for a worker on the learner's machine); returns this
+        worker's rank in the group."""
         rank = rank_offset + int(getattr(self, "rank", 0))
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
         device = torch.device("cpu") if backend == "gloo" else self.model_runner.device
         self._research_store = store
-        self._research_group = _Group(store, rank, world_size, host, backend, device, timeout_s)
+        self._research_group = _Group(store, rank, world_size, local_host or host, backend, device, timeout_s)
         return rank
 
     def research_load_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -61,7 +61,10 @@ class TrainerConfig(BaseModel):
     max_staleness: int = Field(0, ge=0, description="Policy versions generation may run ahead of learning (0 = on-policy).")
     val_every: int = Field(10, ge=0, description="Greedy validation every K steps (0 = only before and after).")
     save_every: int = Field(50, ge=0, description="Checkpoint every K steps (0 = only at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk: older ones are deleted after each "
+                                  "save (a 7B ZeRO-3 checkpoint is ~107 GB).")
+    wait_log_every_s: float = Field(30.0, gt=0.0, description="While waiting for actors to start (learner ranks, "
+                                    "rollout engines, retrieval replicas), log what is still pending this often.")
     max_learner_restarts: int = Field(
         1, ge=0, description="When a learner rank dies, rebuild the learner group from the last checkpoint this many "
         "times per run (the data position is restored with it); 0 = the job ends and a person runs --resume.",
@@ -103,7 +106,11 @@ class JobConfig(BaseModel):
 
     name: str = Field("research", description="Run name; the default run_dir is runs/<name>-<timestamp>.")
     seed: int = Field(0, description="Seed of data order, sampling and initialisation.")
-    run_dir: str | None = Field(None, description="Where checkpoints, metrics, logs and plots go.")
+    run_dir: str | None = Field(
+        None, description="Where checkpoints, metrics, logs and plots go; on a multi-node cluster an absolute path "
+        "on storage every node mounts (learner ranks write checkpoints there). Unset = runs/<name>-<timestamp> "
+        "under the current directory, allowed only on a one-node cluster.",
+    )
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The model being trained.")
     data: DataConfig = Field(default_factory=DataConfig, description="Questions.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout actors and sampling.")
@@ -141,11 +148,12 @@ class JobConfig(BaseModel):
         return self
 
     def resolved_run_dir(self) -> Path:
-        """run_dir, or runs/<name>-<timestamp> when unset."""
+        """run_dir, or runs/<name>-<timestamp> when unset, made absolute (actors on this node share the driver's
+        view of it only through an absolute path: their working directory is Ray's, not ours)."""
         if self.run_dir:
-            return Path(self.run_dir)
+            return Path(self.run_dir).expanduser().absolute()
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return Path("runs") / f"{self.name}-{stamp}"
+        return (Path("runs") / f"{self.name}-{stamp}").absolute()
 
 
 def _section_model(field: FieldInfo) -> type[BaseModel] | None:

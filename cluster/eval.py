@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -206,17 +207,22 @@ class RayEvalSession(EvalSession):
         self.rollouts = 0
         self.replicas: list[Any] = []
         connect_ray(ray_address)
+        from retrieval_service.config import TOKEN_ENV
+
+        # The token of this process reaches the replicas and actors it starts, on whichever node Ray puts them.
+        env_vars = {TOKEN_ENV: os.environ[TOKEN_ENV]} if os.environ.get(TOKEN_ENV) else None
         urls = list(retrieval_urls) or list(config.retrieval.urls)
         if not urls:
             from cluster.job_setup import ensure_index
             from cluster.retrieval_replicas import start_replicas
 
             retrieval = config.retrieval.model_copy(update={"index_dir": str(ensure_index(config))})
-            self.replicas, urls = start_replicas(retrieval, config.retrieval.replicas)
+            self.replicas, urls = start_replicas(retrieval, config.retrieval.replicas, env_vars=env_vars)
         policy = resolve_policy(model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.policy.tokenizer or policy)
         make_actor = remote_rollout_actor(
-            policy, greedy_rollout_config(config), config.retrieval.model_copy(update={"urls": urls}), config.seed
+            policy, greedy_rollout_config(config), config.retrieval.model_copy(update={"urls": urls}), config.seed,
+            env_vars=env_vars,
         )
         self.handles: list[Any] = [make_actor()[0] for _ in range(actors)]
         self._in_flight = [0] * actors

@@ -43,6 +43,8 @@ class RolloutSlot:
     handle: Any
     workers: int
     retiring: bool = False
+    ready: bool = False
+    """Its engine is built and it has read the run_dir marker (set by the first sync after it started)."""
     in_flight: dict[int, PromptItem] = field(default_factory=dict)
 
 
@@ -65,9 +67,13 @@ class Finished:
 class RolloutPool:
     """Starts, replaces and retires rollout actors and routes prompt groups to the least-loaded one."""
 
-    def __init__(self, make_actor: Any, learner: Any, sync_timeout_s: float = 600.0) -> None:
+    def __init__(self, make_actor: Any, learner: Any, sync_timeout_s: float = 600.0, setup_timeout_s: float = 900.0,
+                 log_every_s: float = 30.0, run_dir_marker: tuple[str, str] | None = None) -> None:
         self._make_actor = make_actor
         self.learner = learner
+        self.setup_timeout_s = setup_timeout_s
+        self.log_every_s = log_every_s
+        self.run_dir_marker = run_dir_marker
         self.slots: dict[int, RolloutSlot] = {}
         self._ids = itertools.count()
         self._tickets = itertools.count()
@@ -162,6 +168,7 @@ class RolloutPool:
         the new policy version only once every load has returned, so dispatch stamps work with the old one until then.
         """
         self._replace_dead_members()
+        self._await_new_actors()
         if self.group_stale:
             self._rebuild_group()
         slots = list(self.slots.values())
@@ -178,6 +185,8 @@ class RolloutPool:
         slots = list(self.slots.values())
         world_size = 1 + sum(s.workers for s in slots)
         host, port, backend = self.learner.open_weight_group(world_size, self.sync_timeout_s)
+        log.info("weight group at %s:%d over %s: learner rank 0 + %d engine workers", host, port, backend,
+                 world_size - 1)
         joins, offset = [], 1
         for slot in slots:
             joins.append(slot.handle.join_weight_group.remote(host, port, world_size, offset, backend))
@@ -185,10 +194,34 @@ class RolloutPool:
         ray.get([self.learner.connect_weight_group(), *joins], timeout=self.sync_timeout_s)
         self.group_stale = False
 
+    def _await_new_actors(self) -> None:
+        """Wait (rollout.setup_timeout_s, logging) until actors started since the last sync have built their engines
+        and read the run_dir marker; one that dies meanwhile is replaced, and its replacement awaited in turn."""
+        import time
+
+        from cluster.waiting import SetupTimeout, wait_logged
+
+        deadline = time.monotonic() + self.setup_timeout_s  # replacements share it: a crash loop cannot run forever
+        while fresh := [s for s in self.slots.values() if not s.ready]:
+            refs = [s.handle.check_run_dir.remote(*self.run_dir_marker) if self.run_dir_marker
+                    else s.handle.pid.remote() for s in fresh]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SetupTimeout(f"rollout actors not ready after {self.setup_timeout_s:.0f} s (replacements "
+                                   "included; raise rollout.setup_timeout_s)")
+            wait_logged(refs, "rollout actors to build their vLLM engines", left, self.log_every_s,
+                        "rollout.setup_timeout_s", fetch=False)
+            for slot, ref in zip(fresh, refs, strict=True):
+                try:
+                    ray.get(ref)
+                    slot.ready = True
+                except ACTOR_GONE:
+                    self.replace_dead(slot.actor_id)
+
     def _replace_dead_members(self) -> None:
         """Replace actors that died, so a collective never waits on a dead member. An actor still building its
         engine answers late, not never: only Ray's word that the actor is gone counts as death."""
-        for slot in list(self.slots.values()):
+        for slot in [s for s in self.slots.values() if s.ready]:
             try:
                 ray.get(slot.handle.pid.remote(), timeout=self.sync_timeout_s)
             except ACTOR_GONE:

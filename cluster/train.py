@@ -43,7 +43,12 @@ def connect_ray(address: str | None, quiet: bool = False) -> None:
     if address:
         ray.init(address=address, log_to_driver=not quiet)
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; unless it was 0 then, ray.init replaces
+    # 127.0.0.1 by the machine's routable address (ray._private.services.resolve_ip_for_localhost) and every server
+    # of the job (retrieval replicas, weight group, rendezvous) would listen there. The raylet and workers started
+    # here inherit the variable; this process imported ray before it could be set, hence the constant.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 4),
              log_to_driver=not quiet)
 
@@ -58,11 +63,17 @@ class Trainer:
         from cluster.job_setup import data_files, ensure_index, load_questions
         from cluster.models import resolve_policy
         from cluster.retrieval_replicas import start_replicas
-        from learner.learner_actor import LearnerGroup
+        from cluster.storage import write_marker
+        from retrieval_service.config import TOKEN_ENV
 
         self.config, self.run_dir = config, run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+        self.marker = write_marker(run_dir)
+        log_every = config.trainer.wait_log_every_s
+        # The driver's token reaches the replicas and rollout actors it starts, wherever Ray places them.
+        token = os.environ.get(TOKEN_ENV)
+        env_vars = {TOKEN_ENV: token} if token else None
         self.policy_path = resolve_policy(config.policy.name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(config.policy.tokenizer or self.policy_path)
         train_files, val_files = data_files(config)
@@ -79,16 +90,19 @@ class Trainer:
             urls = list(retrieval.urls)
         else:
             index = ensure_index(config)
-            self.replicas, urls = start_replicas(retrieval.model_copy(update={"index_dir": str(index)}), retrieval.replicas)
+            self.replicas, urls = start_replicas(retrieval.model_copy(update={"index_dir": str(index)}),
+                                                 retrieval.replicas, env_vars=env_vars, log_every_s=log_every)
         log.info("retrieval service at %s", ", ".join(urls))
+        self.retrieval_urls = urls
 
-        self.learner = LearnerGroup(config.resolved_learner(), self.policy_path)
+        self.learner = self._start_learner()
         self.learner_restarts = 0
         self.stopping: str | None = None
         """Why the run stops early (SIGTERM, SIGINT), once asked to."""
         make_actor = remote_rollout_actor(self.policy_path, config.rollout, retrieval.model_copy(update={"urls": urls}),
-                                          config.seed)
-        self.pool = RolloutPool(make_actor, self.learner)
+                                          config.seed, env_vars=env_vars)
+        self.pool = RolloutPool(make_actor, self.learner, setup_timeout_s=config.rollout.setup_timeout_s,
+                                log_every_s=log_every, run_dir_marker=(str(run_dir), self.marker))
         self.pool.add(config.rollout.num_actors)
         self.step = 0
         if resume:
@@ -96,6 +110,16 @@ class Trainer:
         self.metrics = MetricsLogger(run_dir, config.logging.tensorboard, config.logging.wandb_project,
                                      run_name=config.name, config=config.model_dump(mode="json"))
         self.pool.sync_weights()
+
+    def _start_learner(self) -> Any:
+        """The learner group (its ranks placed per learner.resources), checked to read run_dir's marker."""
+        from learner.learner_actor import LearnerGroup
+
+        learner = LearnerGroup(self.config.resolved_learner(), self.policy_path,
+                               log_every_s=self.config.trainer.wait_log_every_s)
+        nodes = learner.check_run_dir(str(self.run_dir), self.marker)
+        log.info("learner ranks on %s read run_dir %s", ", ".join(nodes), self.run_dir)
+        return learner
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
@@ -214,10 +238,8 @@ class Trainer:
             raise RuntimeError(f"a learner rank died and trainer.max_learner_restarts={limit} is used up") from error
         log.warning("a learner rank died (%s); restart %d of %d from the last checkpoint", error,
                     self.learner_restarts, limit)
-        from learner.learner_actor import LearnerGroup
-
         self.learner.shutdown()
-        self.learner = LearnerGroup(self.config.resolved_learner(), self.policy_path)
+        self.learner = self._start_learner()
         self.pool.learner, self.pool.group_stale = self.learner, True
         from learner.checkpoint import newest_complete_tag
 
@@ -338,7 +360,8 @@ class Trainer:
     def save(self) -> str:
         """Checkpoint the learner with the driver's data position."""
         return self.learner.save(str(self.run_dir / "checkpoints"),
-                                 {"step": self.step, "stream": self.stream.state_dict()})
+                                 {"step": self.step, "stream": self.stream.state_dict()},
+                                 keep=self.config.trainer.keep_checkpoints)
 
     # ---- control ------------------------------------------------------------------------------------------------
     def _apply_control(self) -> None:
@@ -411,7 +434,19 @@ def main(argv: list[str] | None = None) -> int:
         connect_ray(args.address)
     except ConnectionError as error:  # no Ray cluster at --address / $RAY_ADDRESS
         return fail(parser.prog, error)
-    trainer = Trainer(config, run_dir, args.resume)
+    from cluster.storage import RunDirError, check_run_dir_setting
+
+    try:
+        check_run_dir_setting(config.run_dir, len([node for node in ray.nodes() if node["Alive"]]))
+    except RunDirError as error:
+        return fail(parser.prog, error)
+    from cluster.retrieval_replicas import IndexDoesNotFit
+    from cluster.waiting import SetupTimeout
+
+    try:
+        trainer = Trainer(config, run_dir, args.resume)
+    except (RunDirError, SetupTimeout, IndexDoesNotFit) as error:  # also as the cause of an actor's error
+        return fail(parser.prog, getattr(error, "cause", None) or error)
     try:
         summary = asyncio.run(trainer.run())
     finally:

@@ -63,6 +63,27 @@ def save_checkpoint(
     return directory
 
 
+def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints under root (by step; the `latest` one always stays),
+    and incomplete ones older than the newest kept; returns what was deleted."""
+    import shutil
+
+    root = Path(root)
+    latest = latest_tag(root)
+    tags = []
+    for directory in root.iterdir() if root.is_dir() else []:
+        state = directory / DRIVER_STATE
+        if directory.is_dir() and directory.name.startswith("step") and directory.name[4:].isdigit():
+            tags.append((int(directory.name[4:]), state.is_file(), directory))
+    complete = sorted((step, d) for step, ok, d in tags if ok)
+    kept = {d for _, d in complete[-keep:]} | ({root / latest} if latest else set())
+    oldest_kept = min((step for step, d in complete if d in kept), default=None)
+    doomed = [d for step, ok, d in tags if d not in kept and (ok or (oldest_kept is not None and step < oldest_kept))]
+    for directory in doomed:
+        shutil.rmtree(directory, ignore_errors=True)
+    return doomed
+
+
 def latest_tag(root: str | Path) -> str | None:
     """The newest checkpoint tag under root, or None when there is none."""
     latest = Path(root) / "latest"

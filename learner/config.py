@@ -80,6 +80,14 @@ class LearnerConfig(BaseModel):
     world_size: int = Field(1, ge=1, description="Learner ranks (one Ray actor each).")
     gpus_per_rank: float = Field(0.0, ge=0.0, description="GPUs per learner rank (1 on GPU clusters).")
     cpus_per_rank: float = Field(1.0, ge=0.0, description="CPUs reserved per learner rank.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources each learner rank requests (in its placement-group "
+        "bundle), e.g. {learner_node: 1}: puts the ranks on the nodes that advertise them.",
+    )
+    setup_timeout_s: float = Field(
+        1800.0, gt=0.0, description="How long the driver waits for the ranks to be placed, join the process group "
+        "and build policy and reference (model download and zero.Init included).",
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
     lr: float = Field(1e-6, gt=0.0, description="Peak learning rate of AdamW.")

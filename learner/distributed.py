@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -28,12 +30,16 @@ def disable_shm_comm() -> None:
 
 
 def init_distributed(
-    rank: int | None = None, world_size: int | None = None, master_addr: str | None = None, master_port: int | None = None
+    rank: int | None = None, world_size: int | None = None, master_addr: str | None = None, master_port: int | None = None,
+    listener: socket.socket | None = None, node_ip: str | None = None,
 ) -> None:
     """Join (or create) DeepSpeed's default process group: gloo on CPU, NCCL on GPU; a no-op if one exists.
 
     Arguments left None come from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), else a
-    one-process group on 127.0.0.1 and a free port.
+    one-process group on 127.0.0.1 and a free port. With an explicit `master_addr` (Learner actors) the rendezvous
+    store is built here: rank 0 serves it on master_addr only (on `listener` when given, already bound there), where
+    DeepSpeed's env:// rendezvous would serve it on every interface; `node_ip` is this rank's own address, whose
+    interface gloo uses unless $GLOO_SOCKET_IFNAME says otherwise.
     """
     if dist.is_available() and dist.is_initialized():
         return
@@ -42,18 +48,48 @@ def init_distributed(
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     disable_shm_comm()
+    explicit = master_addr is not None
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if listener is not None:
+        master_port = int(listener.getsockname()[1])
     master_port = master_port or int(os.environ.get("MASTER_PORT", 0)) or get_free_port()
     os.environ.update(RANK=str(rank), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"), WORLD_SIZE=str(world_size),
                       MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if explicit:
+        from actors.weight_sync import serve_store
+
+        if backend == "gloo" and node_ip and not os.environ.get("GLOO_SOCKET_IFNAME"):
+            # The default group's gloo device comes from $GLOO_SOCKET_IFNAME, else from what the hostname resolves
+            # to (init_process_group takes no gloo options): pin it to the network the node address is on.
+            os.environ["GLOO_SOCKET_IFNAME"] = interface_of(node_ip)
+        timeout = dist.default_pg_timeout  # what the env:// rendezvous would use, for the store and collectives
+        if rank == 0:
+            store = serve_store(master_addr, world_size, timeout.total_seconds(), port=master_port, listener=listener)
+        else:
+            store = dist.TCPStore(master_addr, master_port, world_size, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    # With a group already up, DeepSpeed only wraps it (deepspeed.comm.init_distributed -> TorchBackend).
     deepspeed.init_distributed(dist_backend=backend, rank=rank, world_size=world_size, verbose=False)
     # Single-process ZeRO-3 aborts at interpreter exit while a process group is still alive.
     atexit.register(destroy_distributed)
+
+
+def interface_of(ip: str) -> str:
+    """The network interface that carries `ip` (the loopback interface for any 127.x address)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(address.address.split("%")[0] == ip for address in addresses):
+            return name
+    if ipaddress.ip_address(ip).is_loopback:
+        return next((name for name, addresses in psutil.net_if_addrs().items()
+                     if any(a.address == "127.0.0.1" for a in addresses)), "lo")
+    raise ValueError(f"no network interface carries {ip}")
 
 
 def destroy_distributed() -> None:
@@ -64,8 +100,14 @@ def destroy_distributed() -> None:
 
 def collective_device() -> torch.device:
     """Where tensors for collectives on the default group must live: NCCL takes only CUDA tensors, gloo CPU ones."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+    return device_for_backend(dist.get_backend() if dist.is_initialized() else None)
+
+
+def device_for_backend(backend: str | None, cuda_index: int | None = None) -> torch.device:
+    """The device of a collective's tensors on a group of `backend`: cuda (the current device unless `cuda_index`)
+    for NCCL, else the CPU (gloo, or no group)."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device() if cuda_index is None else cuda_index)
     return torch.device("cpu")
 
 

@@ -29,12 +29,16 @@ class Learner:
         self.world_size = world_size
         self.engine = None
         self.sender = None
+        self._listener = None
 
     def node_address(self) -> tuple[str, int]:
-        """(node IP, a free port) for the rank-0 rendezvous."""
-        from torch.distributed.elastic.utils.distributed import get_free_port
+        """(node IP, port) of the rank-0 rendezvous: a socket bound to this node's address only, kept open until
+        setup hands it to the store (so no other process can take the port in between)."""
+        from actors.weight_sync import bind_listener
 
-        return ray.util.get_node_ip_address(), get_free_port()
+        host = ray.util.get_node_ip_address()
+        self._listener = bind_listener(host)
+        return host, int(self._listener.getsockname()[1])
 
     def pid(self) -> int:
         """This rank's process id (the fault-injection tests kill it)."""
@@ -46,9 +50,18 @@ class Learner:
         from learner.engine import LearnerEngine
 
         os.environ.setdefault("LOCAL_RANK", "0")
-        init_distributed(self.rank, self.world_size, master_addr, master_port)
+        listener, self._listener = self._listener, None
+        init_distributed(self.rank, self.world_size, master_addr, master_port, listener=listener,
+                         node_ip=ray.util.get_node_ip_address())
         self.engine = LearnerEngine(self.config, self.model_path)
         return self.engine.rank
+
+    def check_run_dir(self, run_dir: str, token: str) -> str:
+        """Raise unless this node reads the driver's marker in run_dir (shared storage); returns this node's IP."""
+        from cluster.storage import check_marker
+
+        check_marker(run_dir, token)
+        return ray.util.get_node_ip_address()
 
     def train_step(self, trajectories: pa.Table) -> dict[str, float]:
         """One GRPO update on the global batch (trajectories with their `advantage` column)."""
@@ -70,11 +83,16 @@ class Learner:
                 weights[name] = tensor.detach().float().cpu().numpy().copy()
         return weights if self.rank == 0 else None
 
-    def save(self, root: str, policy_version: int, data_position: dict[str, Any] | None = None) -> str:
-        """Write a resumable checkpoint (collective); returns its directory."""
-        from learner.checkpoint import save_checkpoint
+    def save(self, root: str, policy_version: int, data_position: dict[str, Any] | None = None,
+             keep: int | None = None) -> str:
+        """Write a resumable checkpoint (collective); rank 0 then deletes all but the newest `keep`; returns its
+        directory."""
+        from learner.checkpoint import prune_checkpoints, save_checkpoint
 
-        return str(save_checkpoint(self.engine, root, policy_version, data_position))
+        directory = save_checkpoint(self.engine, root, policy_version, data_position)
+        if keep is not None and self.rank == 0:
+            prune_checkpoints(root, keep)
+        return str(directory)
 
     def load(self, root: str, tag: str | None = None) -> dict[str, Any]:
         """Restore the newest (or the named) checkpoint; returns the driver state saved with it."""
@@ -145,26 +163,35 @@ class Learner:
 class LearnerGroup:
     """Driver-side handle of `world_size` Learner actors placed by one placement group."""
 
-    def __init__(self, config: LearnerConfig, model_path: str, strategy: str = "PACK", timeout_s: float = 300.0) -> None:
+    def __init__(self, config: LearnerConfig, model_path: str, strategy: str = "PACK",
+                 log_every_s: float = 30.0) -> None:
+        from cluster.waiting import wait_logged
+
         self.config = config
         self.policy_version = 0
-        bundle = {"CPU": config.cpus_per_rank}
+        bundle = {"CPU": config.cpus_per_rank, **config.resources}
         if config.gpus_per_rank:
             bundle["GPU"] = config.gpus_per_rank
         self.placement_group = placement_group([dict(bundle) for _ in range(config.world_size)], strategy=strategy)
         self.actors: list[Any] = []
+        timeout, key = config.setup_timeout_s, "learner.setup_timeout_s"
         try:
-            ray.get(self.placement_group.ready(), timeout=timeout_s)
+            wait_logged([self.placement_group.ready()], f"the learner placement group ({config.world_size} x "
+                        f"{bundle})", timeout, log_every_s, key)
             remote = ray.remote(Learner)
             for rank in range(config.world_size):
                 strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
                 self.actors.append(
                     remote.options(
-                        num_cpus=config.cpus_per_rank, num_gpus=config.gpus_per_rank, scheduling_strategy=strategy
+                        num_cpus=config.cpus_per_rank, num_gpus=config.gpus_per_rank,
+                        resources=dict(config.resources), scheduling_strategy=strategy,
                     ).remote(config.model_dump(), model_path, rank, config.world_size)
                 )
-            master_addr, master_port = ray.get(self.actors[0].node_address.remote(), timeout=timeout_s)
-            ray.get([actor.setup.remote(master_addr, master_port) for actor in self.actors], timeout=timeout_s)
+            master_addr, master_port = wait_logged([self.actors[0].node_address.remote()], "learner rank 0 to start",
+                                                   timeout, log_every_s, key)[0]
+            wait_logged([actor.setup.remote(master_addr, master_port) for actor in self.actors],
+                        "learner ranks to join the process group and build policy and reference", timeout,
+                        log_every_s, key)
         except BaseException:
             self.shutdown()
             raise
@@ -201,9 +228,14 @@ class LearnerGroup:
         """{name: numpy array} of the full current weights."""
         return self._all("full_parameters")[0]
 
-    def save(self, root: str, data_position: dict[str, Any] | None = None) -> str:
-        """Checkpoint every rank plus the driver state (step, policy version, data position)."""
-        return self._all("save", root, self.policy_version, data_position)[0]
+    def save(self, root: str, data_position: dict[str, Any] | None = None, keep: int | None = None) -> str:
+        """Checkpoint every rank plus the driver state (step, policy version, data position); keeps the newest
+        `keep` checkpoints (None = all)."""
+        return self._all("save", root, self.policy_version, data_position, keep)[0]
+
+    def check_run_dir(self, run_dir: str, token: str) -> list[str]:
+        """Every rank reads the driver's marker in run_dir; returns the ranks' node IPs."""
+        return self._all("check_run_dir", run_dir, token)
 
     def load(self, root: str, tag: str | None = None) -> dict[str, Any]:
         """Resume from a checkpoint; restores the policy version and returns the driver state."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 TOKEN_ENV = "RESEARCH_RETRIEVAL_TOKEN"
@@ -79,7 +79,8 @@ class ServerConfig(BaseModel):
         "on connect."
     )
     auth_token: str | None = Field(None, description="When set, requests need 'Authorization: Bearer <token>'.")
-    faiss_gpu: bool = Field(False, description="Shard the faiss index over all visible GPUs (needs faiss-gpu).")
+    faiss_gpu: bool = Field(False, description="Shard the faiss index over the visible GPUs (needs faiss-gpu); a "
+                            "replica sees only the GPUs Ray assigned it (retrieval.replica_gpus).")
     faiss_threads: int = Field(0, ge=0, description="OpenMP threads for faiss search (0 leaves faiss' default).")
 
 
@@ -110,6 +111,25 @@ class RetrievalConfig(BaseModel):
         default_factory=list, description="Service replicas the client uses; empty = start our own service."
     )
     replicas: int = Field(1, ge=1, description="How many service processes to start when urls is empty.")
+    replica_cpus: float = Field(
+        1.0, gt=0.0, description="CPUs each replica reserves; torch and faiss search with that many threads (when "
+        "encoder.cpu_threads / server.faiss_threads are 0). A Flat wiki-18 search wants 16 or more (README).",
+    )
+    replica_gpus: float = Field(
+        0.0, ge=0.0, description="GPUs each replica reserves for faiss-gpu and the encoder; with 0 the replica "
+        "hides every GPU from itself (CUDA_VISIBLE_DEVICES='').",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources each replica requests, e.g. {retrieval_node: 1}.",
+    )
+    allow_head_node: bool = Field(
+        False, description="Let replicas run on the Ray head node (a multi-node cluster keeps them off it: the "
+        "head is usually small and hosts the driver). A one-node cluster always allows it.",
+    )
+    setup_timeout_s: float = Field(
+        1800.0, gt=0.0, description="How long the driver waits for every replica to load its index and answer "
+        "/health.",
+    )
     timeout_s: float = Field(30.0, gt=0, description="Client timeout of one HTTP attempt, seconds.")
     retries: int = Field(4, ge=0, description="Extra attempts after the first, spread over the replicas.")
     backoff_s: float = Field(0.2, ge=0, description="Base of the exponential backoff between attempts, seconds.")
@@ -124,3 +144,12 @@ class RetrievalConfig(BaseModel):
     result_format: Literal["research", "searchr1"] = Field(
         "research", description="Text inside <result>: ReSearch's passages or Search-R1's 'Doc i(Title: t) text'."
     )
+
+    @model_validator(mode="after")
+    def _gpu_work_needs_gpus(self) -> RetrievalConfig:
+        """faiss-gpu or a CUDA encoder in a replica that reserves no GPU would land on GPUs others hold."""
+        wants_gpu = self.server.faiss_gpu or self.encoder.device.startswith("cuda")
+        if wants_gpu and self.replica_gpus == 0 and not self.urls:
+            raise ValueError("server.faiss_gpu / a cuda encoder.device needs retrieval.replica_gpus >= 1, so Ray "
+                             "reserves the GPUs the replica uses")
+        return self

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +26,12 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+# vLLM's ZMQ sockets (engine <-> front-end) go to a directory of this test session, not /tmp itself: a concurrent test
+# session on the same machine that cleans up /tmp would otherwise unlink them mid-handshake and hang an engine start.
+# Ray workers, engines and drivers inherit it from this process's environment.
+RPC_DIR = tempfile.mkdtemp(prefix="vllm-rpc-", dir="/tmp")  # short: socket paths stay under 108 bytes
+os.environ["VLLM_RPC_BASE_PATH"] = RPC_DIR
+
 
 def shared_data_dir() -> Path:
     """Where the public benchmark files live: $RESEARCH_SHARED_DATA or ../shared/data beside the checkout."""
@@ -42,18 +48,17 @@ def shared_data() -> Path:
 
 
 def _leftovers() -> set[Path]:
-    """Shared-memory segments and IPC sockets that vLLM, DeepSpeed and loky leave when their processes are killed."""
-    found = {p for p in Path("/dev/shm").glob("*") if p.name.startswith(("psm_", "sem.", "loky-", "deepspeed"))}
-    uuid_like = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-    found |= {p for p in Path(tempfile.gettempdir()).iterdir() if uuid_like.match(p.name) and p.is_socket()}
-    return found
+    """Shared-memory segments that vLLM, DeepSpeed and loky leave when their processes are killed."""
+    return {p for p in Path("/dev/shm").glob("*") if p.name.startswith(("psm_", "sem.", "loky-", "deepspeed"))}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _clean_shared_memory_and_sockets() -> Iterator[None]:
-    """Tests kill engines and actors on purpose; remove the segments and sockets created during this session."""
+    """Tests kill engines and actors on purpose; remove the segments created during this session and the session's
+    vLLM socket directory."""
     before = _leftovers()
     yield
     for path in _leftovers() - before:
         with contextlib.suppress(OSError):
             path.unlink()
+    shutil.rmtree(RPC_DIR, ignore_errors=True)

@@ -1,11 +1,11 @@
-"""The training job end to end on a real local Ray head: submit, async, scaling, actor death, resume, dashboard,
-and a learning check. Each run uses configs/test-tiny.yaml (tiny random policy, synthetic world, MiniLM retrieval)."""
+"""The training job end to end on a real local Ray head: `ray job submit`, async, dashboard and a learning check, on
+configs/test-tiny.yaml (tiny random policy, synthetic world, MiniLM retrieval). Scaling, actor death, kill and
+resume run on the multi-node cluster (test_multinode.py); `driver`, `wait`, `trained` and `wait_for` serve both."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -58,7 +58,7 @@ def test_ray_job_submit_async_run_learns_and_dashboard(ray_head: dict[str, str],
     """`ray job submit` of test-tiny with max_staleness=1 and a reward a tiny policy can learn finishes SUCCEEDED:
     staleness never exceeds 1, mean reward rises (sign, masking and weight sync work end to end), every metric is
     written, and `research dashboard` serves the reward scalar. The synchronous loop (max_staleness=0) is what the
-    scaling and resume tests below run."""
+    multi-node tests run."""
     run_dir = tmp_path / "submitted"
     runtime_env = json.dumps({"env_vars": {k: os.environ[k] for k in (
         "RESEARCH_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CACHE_ROOT",
@@ -77,7 +77,7 @@ def test_ray_job_submit_async_run_learns_and_dashboard(ray_head: dict[str, str],
     records = read_metrics(run_dir)
     steps = [r for r in records if "reward/mean" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
-    for key in ("learner/clip_fraction_binding", "learner/clip_fraction_ratio", "learner/approx_kl", "learner/ref_kl", "learner/entropy", "learner/grad_norm",
+    for key in ("learner/clip_fraction", "learner/approx_kl", "learner/ref_kl", "learner/entropy", "learner/grad_norm",
                 "learner/lr", "rollout/response_length", "rollout/searches", "rollout/turns", "time/weight_sync",
                 "time/learner", "time/wait_for_rollouts", "throughput/generated_tokens_per_s", "staleness/max"):
         assert key in steps[-1], key
@@ -108,54 +108,3 @@ def test_ray_job_submit_async_run_learns_and_dashboard(ray_head: dict[str, str],
     finally:
         board.terminate()
         board.wait(timeout=30)
-
-
-def test_scale_and_actor_death_lose_nothing(ray_head: dict[str, str], tmp_path: Path) -> None:
-    """Scale 1 -> 2 -> 1 mid-run and kill a rollout actor by PID: every prompt of the epoch is trained exactly once."""
-    run_dir = tmp_path / "scaled"
-    run_dir.mkdir()
-    # 8 steps of 4 prompts: the scale-down asked for after step 4 lands at a boundary with steps still to come, even
-    # when a loaded machine takes seconds to run the `research scale` command.
-    process = driver(run_dir, ray_head, "data.max_train_questions=32", "trainer.max_steps=null", "trainer.epochs=1",
-                     "trainer.val_every=0", "trainer.save_every=0", "data.val_size=0")
-    try:
-        wait_for(lambda: len(trained(run_dir)) >= 1, timeout=400)
-        subprocess.run([sys.executable, "-m", "cluster.cli", "scale", str(run_dir), "2"], check=True)
-        wait_for(lambda: (run_dir / "actors.json").is_file()
-                 and len(json.loads((run_dir / "actors.json").read_text())["rollout_pids"]) == 2, timeout=300)
-        pids = json.loads((run_dir / "actors.json").read_text())["rollout_pids"]
-        os.kill(pids[-1], signal.SIGKILL)  # an actor dies mid-run; it is replaced and its prompts requeued
-        wait_for(lambda: len(trained(run_dir)) >= 4, timeout=400)
-        subprocess.run([sys.executable, "-m", "cluster.cli", "scale", str(run_dir), "1"], check=True)
-        wait(process, run_dir)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    prompts = [tuple(p) for step in trained(run_dir) for p in step["prompts"]]
-    assert sorted(prompts) == [(0, i) for i in range(32)]  # exactly once, none lost
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rollout_actors_replaced"] >= 1
-    actors = [r["rollout/actors"] for r in read_metrics(run_dir) if "rollout/actors" in r]
-    assert 2.0 in actors and actors[-1] == 1.0
-
-
-def test_kill_and_resume_keeps_data_position(ray_head: dict[str, str], tmp_path: Path) -> None:
-    """Kill the driver after a checkpoint; `--resume` continues from it with no prompt replayed or skipped."""
-    run_dir = tmp_path / "resumed"
-    run_dir.mkdir()
-    common = ("data.max_train_questions=20", "trainer.max_steps=null", "trainer.epochs=1", "trainer.save_every=2",
-              "trainer.val_every=0", "data.val_size=0")
-    process = driver(run_dir, ray_head, *common)
-    try:
-        wait_for(lambda: len(trained(run_dir)) >= 3, timeout=500)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    first = trained(run_dir)
-    (run_dir / "trained.jsonl").rename(run_dir / "trained-first.jsonl")
-    wait(driver(run_dir, ray_head, *common, resume=True), run_dir)
-    second = trained(run_dir)
-    checkpointed = [s for s in first if s["step"] <= 2]
-    assert second[0]["step"] == 3
-    prompts = [tuple(p) for s in checkpointed + second for p in s["prompts"]]
-    assert sorted(prompts) == [(0, i) for i in range(20)]

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # starts vLLM engines, servers or a Ray cluster
 
 def test_dead_replica_is_skipped_then_restarted(rollout_world: Path, ray_cluster: None) -> None:
     config = RetrievalConfig(index_dir=str(rollout_world / "index"))
-    handles, urls = start_replicas(config, 2, cpus_per_replica=0.5)
+    handles, urls = start_replicas(config.model_copy(update={"replica_cpus": 0.5}), 2)
     try:
         # Each replica serves on its node's IP, which this loopback test cluster sets to 127.0.0.1.
         assert all(url.startswith(f"http://{ray.util.get_node_ip_address()}:") for url in urls)
