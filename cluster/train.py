@@ -165,24 +165,16 @@ class Trainer:
                     continue
                 if future is learning:
                     learning, learning_groups = None, 0
+                    step_started = time.perf_counter()
                     try:
                         future.result()
+                        if not self.stopping:
+                            await self._between_steps()
                     except LearnerFailed as error:
                         await self._restart_learner(error)
                         for lost in pending:  # generated for the rolled-back lineage: the prompts are issued anew
                             lost.cancel()
                         buffer, pending = [], set()
-                        step_started = time.perf_counter()
-                        continue
-                    step_started = time.perf_counter()
-                    if not self.stopping:
-                        try:
-                            await self._between_steps()
-                        except LearnerFailed as error:
-                            await self._restart_learner(error)
-                            for lost in pending:
-                                lost.cancel()
-                            buffer, pending = [], set()
                     continue
                 pending.discard(future)
                 finished = future.result()
