@@ -53,6 +53,7 @@ class Trainer:
         from cluster.job_setup import data_files, ensure_index, load_questions
         from cluster.models import resolve_policy
         from cluster.retrieval_replicas import start_replicas
+        from cluster.warm_start import warm_start_policy
         from learner.learner_actor import LearnerGroup
 
         self.config, self.run_dir = config, run_dir
@@ -77,6 +78,9 @@ class Trainer:
             self.replicas, urls = start_replicas(retrieval.model_copy(update={"index_dir": str(index)}), retrieval.replicas)
         log.info("retrieval service at %s", ", ".join(urls))
 
+        # Our addition (off in the paper presets): supervised format warm start, cached; RL starts from its weights.
+        self.policy_path = warm_start_policy(config, self.policy_path, urls, tokenizer,
+                                             held_out=[q.text for q in self.val_questions])
         self.learner = LearnerGroup(config.resolved_learner(), self.policy_path)
         make_actor = remote_rollout_actor(self.policy_path, config.rollout, retrieval.model_copy(update={"urls": urls}),
                                           config.seed)
