@@ -29,6 +29,19 @@ def learner_autocast(config: LearnerConfig) -> contextlib.AbstractContextManager
     return torch.autocast(device, dtype=torch.bfloat16)
 
 
+def by_length(trajectories: pa.Table, config: LearnerConfig) -> pa.Table:
+    """Rows sorted by prompt + response length when the whole batch is one mini-batch: micro-batches then hold rows
+    of similar length, so little of their (rows x longest row) forward is padding. The update is the same (every
+    row's loss is weighted by its share of the mini-batch), so only with several mini-batches is the order kept."""
+    if isinstance(trajectories, list | tuple):
+        trajectories = pa.Table.from_batches(list(trajectories))
+    if config.mini_batches != 1 or trajectories.num_rows < 2:
+        return trajectories
+    lengths = [len(p) + len(r) for p, r in zip(trajectories.column("prompt_ids").to_pylist(),
+                                               trajectories.column("response_ids").to_pylist(), strict=True)]
+    return trajectories.take(sorted(range(len(lengths)), key=lengths.__getitem__))
+
+
 class Learner:
     """One DeepSpeed rank: owns a LearnerEngine, its checkpoints and (rank 0) the weight sender."""
 
@@ -61,7 +74,7 @@ class Learner:
         from learner.batch import collate
 
         with learner_autocast(self.config):
-            return self.engine.train_step(collate(trajectories, self.engine.pad_token_id))
+            return self.engine.train_step(collate(by_length(trajectories, self.config), self.engine.pad_token_id))
 
     def compute_logprobs(self, trajectories: pa.Table) -> Any:
         """Current-policy next-token logprobs of the batch as a (B, T-1) numpy array."""
