@@ -90,8 +90,9 @@ class LoggingConfig(BaseModel):
     tensorboard: bool = Field(True, description="Write TensorBoard scalars under run_dir/tensorboard.")
     samples: int = Field(4, ge=0, description="Validation trajectories written in full (prompt, response, retrieved "
                          "results, reward parts) to run_dir/samples.jsonl and TensorBoard text at every validation.")
-    progress: Literal["auto", "on", "off"] = Field(
-        "auto", description="One live line per step on stderr (reward, searches, seconds, ETA); auto = on a terminal.")
+    progress: bool | None = Field(
+        None, description="One live line per step on stderr (reward, searches, seconds, ETA); None = when stderr is "
+        "a terminal.")
 
 
 class HardwareConfig(BaseModel):

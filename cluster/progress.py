@@ -8,11 +8,11 @@ from typing import TextIO
 
 
 class ProgressLine:
-    """Prints one line per finished step when enabled ("auto" = when stderr is a terminal)."""
+    """Prints one line per finished step when enabled (None = when the stream is a terminal)."""
 
-    def __init__(self, total_steps: int | None, mode: str = "auto", stream: TextIO | None = None) -> None:
+    def __init__(self, total_steps: int | None, enabled: bool | None = None, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.enabled = mode == "on" or (mode == "auto" and self.stream.isatty())
+        self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total = total_steps
         self.started = time.perf_counter()
         self.first_step: int | None = None
