@@ -109,8 +109,9 @@ def test_supervised_config_is_the_nll_special_case() -> None:
 
 def test_grpo_surrogate_with_unit_advantage_has_the_nll_gradient(world: Path, tokenizer) -> None:  # noqa: ANN001
     """Advantage 1, old logprobs = the current ones (recomputed), no KL/entropy: grad == grad of token-mean NLL."""
-    from learner.batch import collate
     from transformers import AutoModelForCausalLM
+
+    from learner.batch import collate
 
     row, question = first_one_hop(world)
     expert = expert_trajectory(question, format_passages(passages_of(world, row)), tokenizer, "instruct",
@@ -143,9 +144,10 @@ def test_grpo_surrogate_with_unit_advantage_has_the_nll_gradient(world: Path, to
 
 def test_one_learner_step_equals_a_plain_nll_adamw_step(world: Path, tokenizer) -> None:  # noqa: ANN001
     """LearnerEngine.train_step with the warm start's config moves the weights as torch AdamW on the NLL does."""
+    from transformers import AutoModelForCausalLM
+
     from learner.batch import collate
     from learner.engine import LearnerEngine
-    from transformers import AutoModelForCausalLM
 
     row, question = first_one_hop(world)
     expert = expert_trajectory(question, format_passages(passages_of(world, row)), tokenizer, "instruct",
