@@ -219,8 +219,9 @@ def masked_nll(logprobs: Any, table: pa.Table) -> float:
     return total / max(count, 1)
 
 
-def cache_key(config: JobConfig, policy_path: str, train_file: Path) -> str:
-    """Hash of everything the warm-started weights depend on."""
+def cache_key(config: JobConfig, policy_path: str, train_file: Path, excluded: Sequence[str] = ()) -> str:
+    """Hash of everything the warm-started weights depend on; `excluded` are the held-out questions that were in
+    the training pool (none for the synthetic world, whose dev and train splits are disjoint)."""
     policy = Path(policy_path)
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in policy.glob("*.safetensors")) \
         if policy.is_dir() else []
@@ -230,7 +231,7 @@ def cache_key(config: JobConfig, policy_path: str, train_file: Path) -> str:
         "seed": config.seed, "template": config.rollout.prompt_template, "reward": config.rollout.reward_fn,
         "retrieval": {"topk": config.retrieval.topk, "format": config.retrieval.result_format,
                       "encoder": config.retrieval.encoder.model_dump(mode="json"), "index": config.retrieval.index_dir},
-        "learner": supervised_learner_config(config).model_dump(mode="json"),
+        "learner": supervised_learner_config(config).model_dump(mode="json"), "excluded": sorted(excluded),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -245,7 +246,8 @@ def warm_start_policy(config: JobConfig, policy_path: str, urls: list[str], toke
     from cluster.models import _exclusive, _publish, cache_root
 
     train_file = data_files(config)[0][0]
-    target = cache_root() / WARM_DIR / cache_key(config, policy_path, train_file)
+    excluded = {q.text for q in one_hop_questions(train_file)} & set(held_out)
+    target = cache_root() / WARM_DIR / cache_key(config, policy_path, train_file, sorted(excluded))
     if (target / ".complete").exists():
         log.info("warm start: reusing %s", target)
         return str(target)
