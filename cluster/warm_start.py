@@ -121,10 +121,10 @@ def expert_trajectory(question: ExpertQuestion, block: str, tokenizer: Any, temp
     inserted = RESULT_TEMPLATE.format(block)
     trajectory = Trajectory(prompt_id=f"warm:{question.id}", group_index=0, policy_version=0,
                             prompt_ids=build_prompt_ids(question.text, template, tokenizer))
-    for text, generated in ((first, True), (inserted, False), (second, True)):
+    for text, generated, ends in ((first, True, False), (inserted, False, False), (second, True, True)):
         ids = list(tokenizer.encode(text, add_special_tokens=False))
-        if generated and text is second:
-            ids.append(tokenizer.eos_token_id)
+        if ends:
+            ids.append(tokenizer.eos_token_id)  # vLLM's last generated id when the policy stops at EOS
         trajectory.response_ids.extend(ids)
         trajectory.loss_mask.extend([int(generated)] * len(ids))
         trajectory.behaviour_logprobs.extend([0.0] * len(ids))
