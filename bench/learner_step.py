@@ -5,6 +5,17 @@ Both sides do the same work per step: micro-batched forward/backward of the GRPO
 learner.logprobs.token_logprobs), gradient clipping and one AdamW step. Goal: DeepSpeed <= 1.3x the plain loop.
 
     python -m bench.learner_step [--layers 4] [--hidden 256] [--batch 8] [--seq 256] [--micro 4] [--steps 5]
+
+`--mfu` instead measures the learner's model FLOP utilisation on this CPU: LearnerEngine (ZeRO-2, one rank) steps on
+the policy named by --policy (default the demo's SmolLM2-135M-Instruct), for each `learner.autocast` setting,
+against this CPU's matrix-multiply peak measured in the same run with the same torch threads and dtype (a square
+matmul of --peak-size, best of several). Counted FLOPs per step (flops_per_step below): for every non-padding
+token 6 x (non-embedding parameters) for forward and backward of the body, 2 x 4 x vocab x hidden for the LM head
+(forward, the chunked backward's recomputation, and the two gradient products), and causal attention
+2 x 2 x layers x hidden x (length / 2) per token for QK^T and AV, tripled for backward. AdamW, norms and
+activations are not counted (as in the usual MFU definition). Goal: mfu >= 0.35.
+
+    python -m bench.learner_step --mfu [--policy smollm2-135m-instruct] [--batch 4] [--seq 512] [--steps 3]
 """
 
 from __future__ import annotations
@@ -74,9 +85,78 @@ class PlainTorchLoop:
         return time.perf_counter() - started
 
 
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """This CPU's matrix-multiply FLOP/s in `dtype` with the current torch threads: best of `repeats` square products."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)  # first call: oneDNN/BLAS kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def flops_per_step(model_config: object, batch: TrainBatch, recompute: bool = False) -> float:
+    """Model FLOPs of one learner step on `batch` (see the module docstring); `recompute` adds the old-logprob
+    forward (2 x params per token, and one head product)."""
+    hidden, layers = model_config.hidden_size, model_config.num_hidden_layers
+    vocab = model_config.vocab_size
+    inter = model_config.intermediate_size
+    kv = hidden * model_config.num_key_value_heads // model_config.num_attention_heads
+    body = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)  # q,o + k,v + gate,up,down
+    lengths = batch.attention_mask.sum(dim=1).double()
+    tokens = float(lengths.sum())
+    attention_pairs = float((lengths * (lengths + 1) / 2).sum())  # causal (query, key) pairs
+    flops = 6 * body * tokens + 2 * 4 * vocab * hidden * tokens + 3 * 4 * layers * hidden * attention_pairs
+    if recompute:
+        flops += 2 * body * tokens + 2 * vocab * hidden * tokens + 4 * layers * hidden * attention_pairs
+    return flops
+
+
+def mfu_main(args: argparse.Namespace) -> None:
+    """Learner steps per autocast setting; achieved FLOP/s and mfu against the measured peak of the same dtype."""
+    from transformers import AutoConfig
+
+    from cluster.models import resolve_policy
+
+    policy = resolve_policy(args.policy)
+    model_config = AutoConfig.from_pretrained(policy)
+    batch = make_batch(args.batch, args.seq)
+    batch.input_ids.clamp_(max=model_config.vocab_size - 1)
+    threads = torch.get_num_threads()
+    peaks = {"off": matmul_peak(torch.float32, args.peak_size), "bf16": matmul_peak(torch.bfloat16, args.peak_size)}
+    print(f"policy {policy}: {model_config.num_hidden_layers} layers, hidden {model_config.hidden_size}, vocab "
+          f"{model_config.vocab_size}; batch {args.batch} x {args.seq} tokens, micro-batch {args.micro}; torch "
+          f"threads {threads}; matmul peak fp32 {peaks['off'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+    flops = flops_per_step(model_config, batch)
+    from learner.learner_actor import learner_autocast
+
+    for autocast in args.autocast:
+        config = LearnerConfig(lr=1e-6, micro_batch_size=args.micro, autocast=autocast,
+                               grpo=GRPOConfig(kl_coef=0.0, entropy_coef=0.0, old_logprobs="behaviour"))
+        engine = LearnerEngine(config, policy)
+        times = []
+        for _ in range(args.steps + 1):
+            with learner_autocast(config):
+                times.append(engine.train_step(batch)["step_seconds"])
+        engine.engine.optimizer.zero_grad()  # one process group for every engine: close only at the end
+        seconds = statistics.median(times[1:])
+        achieved = flops / seconds
+        print(f"autocast {autocast:>4}: {seconds:6.2f} s/step, {flops / 1e12:.3f} TFLOP/step, "
+              f"{achieved / 1e9:6.1f} GFLOP/s, mfu {achieved / peaks[autocast]:.3f} "
+              f"(of the {'bf16' if autocast == 'bf16' else 'fp32'} peak; goal >= 0.35)")
+    destroy_distributed()
+
+
 def main() -> None:
-    """Print per-step medians and the DeepSpeed / plain ratio for each ZeRO stage."""
+    """Print per-step medians and the DeepSpeed / plain ratio for each ZeRO stage (or, with --mfu, the mfu)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mfu", action="store_true", help="measure model FLOP utilisation instead")
+    parser.add_argument("--policy", default="smollm2-135m-instruct", help="--mfu: policy name or directory")
+    parser.add_argument("--autocast", nargs="+", default=["off", "bf16"], help="--mfu: learner.autocast settings")
+    parser.add_argument("--peak-size", type=int, default=2048, help="--mfu: side of the peak-measuring matmul")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
@@ -85,6 +165,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
     args = parser.parse_args()
+    if args.mfu:
+        mfu_main(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench-learner-") as directory:
         model_path = str(build_tiny_policy(directory, hidden_size=args.hidden, num_layers=args.layers))

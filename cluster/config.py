@@ -75,6 +75,23 @@ class TrainerConfig(BaseModel):
     )
 
 
+class WarmStartConfig(BaseModel):
+    """Format warm start (our addition; the paper's 7B models need none): a few supervised steps on expert 1-hop
+    trajectories built from the synthetic world's facts and the real retrieval service, before GRPO
+    (cluster/warm_start.py). The result is cached under $RESEARCH_CACHE/warm/<hash of its inputs>."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Run the warm start before GRPO and train from its policy (off in the "
+                          "paper presets, on in the CPU presets).")
+    questions: int = Field(48, ge=1, description="1-hop training questions turned into expert trajectories.")
+    epochs: int = Field(2, ge=1, description="Passes over the expert trajectories.")
+    batch_size: int = Field(8, ge=1, description="Expert trajectories per optimizer step.")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate of the supervised steps.")
+    cpus: float = Field(2.0, gt=0.0, description="CPUs (and so torch threads) of the warm-start learner; it runs "
+                        "alone, before any rollout actor starts.")
+
+
 class LoggingConfig(BaseModel):
     """Where metrics go besides the JSONL file and TensorBoard."""
 
@@ -82,6 +99,11 @@ class LoggingConfig(BaseModel):
 
     wandb_project: str | None = Field(None, description="Weights & Biases project; None disables W&B.")
     tensorboard: bool = Field(True, description="Write TensorBoard scalars under run_dir/tensorboard.")
+    samples: int = Field(4, ge=0, description="Validation trajectories written in full (prompt, response, retrieved "
+                         "results, reward parts) to run_dir/samples.jsonl and TensorBoard text at every validation.")
+    progress: bool | None = Field(
+        None, description="One live line per step on stderr (reward, searches, seconds, ETA); None = when stderr is "
+        "a terminal.")
 
 
 class HardwareConfig(BaseModel):
@@ -117,6 +139,8 @@ class JobConfig(BaseModel):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="The retrieval service.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The DeepSpeed learner and GRPO.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The training loop.")
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig,
+                                        description="Format warm start before GRPO (our addition).")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
     hardware: HardwareConfig = Field(default_factory=HardwareConfig, description="GPU and host memory (`research plan`).")
 

@@ -1,5 +1,7 @@
 """`make demo`: the whole method on this machine: synthetic world -> faiss index -> retrieval service -> GRPO on
 SmolLM2-135M-Instruct for a few steps with greedy validation before and after -> a summary, curves PNG and dashboard.
+With `warm_start.enabled` (demo-cpu), the policy first gets the format warm start (cluster/warm_start.py), cached like
+the converted policy.
 
 Everything goes under the run directory (default runs/demo-cpu-<timestamp>); the world, its index and the converted
 policy are cached under $RESEARCH_CACHE, so a second demo starts training within a minute.
@@ -92,10 +94,28 @@ def main(argv: list[str] | None = None) -> int:
     validation = Table(title=f"greedy validation on {config.data.val_size} held-out questions")
     for column in ("", "reward", "format valid", "F1", "EM", "searches"):
         validation.add_column(column, justify="right")
+    for column in ("searches, 2-hop",):
+        validation.add_column(column, justify="right")
     for name, values in (("before", before), ("after", after)):
         validation.add_row(name, *(f"{values.get(f'val/{k}', float('nan')):.3f}"
-                                   for k in ("reward", "format_valid", "f1", "em", "searches")))
+                                   for k in ("reward", "format_valid", "f1", "em", "searches", "searches_2hop")))
     console.print(validation)
+    from cluster.samples import read_samples
+
+    samples = read_samples(run_dir)
+    if samples:
+        last = [r for r in samples if r["step"] == samples[-1]["step"]]
+        sample = max(last, key=lambda r: (r["reward"], r["num_searches"]))  # the most instructive of the last few
+        console.rule(f"[bold]a validation trajectory after step {sample['step']} (all in {run_dir / 'samples.jsonl'})")
+        console.print(f"question: {sample['question']}   gold: {sample['golden_answers']}", markup=False)
+        console.print(sample["response"], markup=False, highlight=False)
+        console.print(f"reward {sample['reward']:.3f} (format valid {sample['format_valid']}, F1 {sample['f1']:.3f}, "
+                      f"answer {sample['answer']!r}, searches {sample['num_searches']})", markup=False)
+    warm = " after the format warm start (our addition)" if config.warm_start.enabled else ""
+    console.print(f"[bold]What this shows:[/bold] the whole loop running for real{warm}: the policy searches the "
+                  "retrieval service, gets Eq. 2 rewards, the learner applies GRPO and the engines load the new weights. "
+                  f"{len(steps)} steps are too few for a learning curve: for that run "
+                  "[bold]research train learn-cpu[/bold] (about 60 minutes on 2 cores; README, 'The learning run').")
     console.print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     console.print(f"run directory: {run_dir}\ncurves: {summary.get('curves')}\n"
                   f"dashboard: research dashboard {run_dir}   (or: .venv/bin/tensorboard --logdir {run_dir / 'tensorboard'})")

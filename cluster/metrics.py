@@ -93,6 +93,12 @@ class MetricsLogger:
             self._wandb.log(clean, step=step)
         self._export_ray(clean)
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """A text entry (markdown) in TensorBoard, e.g. a sample trajectory; JSONL holds scalars only."""
+        if self._tb is not None:
+            self._tb.add_text(tag, text, step)
+            self._tb.flush()
+
     def _export_ray(self, scalars: dict[str, float]) -> None:
         """Ray metrics (Prometheus via the dashboard) when this process is attached to a Ray cluster."""
         try:

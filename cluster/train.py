@@ -24,7 +24,9 @@ import ray
 from cluster.config import ConfigError, JobConfig, load_config
 from cluster.data_stream import PromptItem, PromptStream
 from cluster.metrics import MetricsLogger, batch_metrics, plot_curves, validation_metrics
+from cluster.progress import ProgressLine
 from cluster.rollout_pool import ACTOR_GONE, RolloutPool, stop_actors
+from cluster.samples import ValidationSamples, question_hops
 
 log = logging.getLogger("research.train")
 
@@ -64,6 +66,7 @@ class Trainer:
         from cluster.models import resolve_policy
         from cluster.retrieval_replicas import start_replicas
         from cluster.storage import write_marker
+        from cluster.warm_start import warm_start_policy
         from retrieval_service.config import TOKEN_ENV
 
         self.config, self.run_dir = config, run_dir
@@ -95,6 +98,9 @@ class Trainer:
         log.info("retrieval service at %s", ", ".join(urls))
         self.retrieval_urls = urls
 
+        # Our addition (off in the paper presets): supervised format warm start, cached; RL starts from its weights.
+        self.policy_path = warm_start_policy(config, self.policy_path, urls, tokenizer,
+                                             held_out=[q.text for q in self.val_questions])
         self.learner = self._start_learner()
         self.learner_restarts = 0
         self.stopping: str | None = None
@@ -109,6 +115,10 @@ class Trainer:
             self._resume()
         self.metrics = MetricsLogger(run_dir, config.logging.tensorboard, config.logging.wandb_project,
                                      run_name=config.name, config=config.model_dump(mode="json"))
+        self.samples = ValidationSamples(run_dir, self.val_questions, tokenizer, rollout.prompt_template,
+                                         config.logging.samples, question_hops(val_files))
+        self.progress = ProgressLine(config.trainer.max_steps or -(-len(self.train_questions) * config.trainer.epochs // config.trainer.batch_size),
+                                     config.logging.progress)
         self.pool.sync_weights()
 
     def _start_learner(self) -> Any:
@@ -296,6 +306,7 @@ class Trainer:
             "data/consumed_in_epoch": float(self.stream.consumed_in_epoch),
         })
         self.metrics.log(self.step, scalars)
+        self.progress.step(self.step, scalars)
         log.info("step %d: reward %.3f, length %.1f, searches %.2f, learner %.2fs, sync %.2fs", self.step,
                  scalars["reward/mean"], scalars["rollout/response_length"], scalars["rollout/searches"],
                  learner_seconds, sync_seconds)
@@ -337,7 +348,9 @@ class Trainer:
         futures = [self.pool.dispatch(PromptItem(i, -1), q, sampling={"temperature": 0.0}, group_size=1)
                    for i, q in enumerate(self.val_questions)]
         results = await asyncio.gather(*futures)
-        return validation_metrics([r.batch for r in results if r.batch is not None])
+        batches = [r.batch for r in results if r.batch is not None]
+        # sample trajectories to samples.jsonl / TensorBoard text, and per-hop means (val/searches_2hop ...)
+        return {**validation_metrics(batches), **self.samples.observe(self.step, batches, self.metrics)}
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def _resume(self, tag: str | None = None) -> None:

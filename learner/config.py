@@ -106,5 +106,9 @@ class LearnerConfig(BaseModel):
         1024, ge=0, description="Tokens per chunk of the LM head when computing logprobs and entropy (learner.logprobs): "
         "never more than this many tokens' logits exist at once, recomputed in backward; 0 = whole logits at once.",
     )
+    autocast: Literal["off", "bf16"] = Field(
+        "off", description="bf16 autocast of the learner's forward/backward (weights, gradients and AdamW stay in "
+        "`dtype`); on CPUs with AVX-512 bf16 the matrix products run ~2x faster (bench/learner_step.py).",
+    )
     weight_sync_bucket_mb: int = Field(256, ge=1, description="Flat bucket size of the weight broadcast, MiB.")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="The GRPO objective.")

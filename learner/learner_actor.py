@@ -7,6 +7,7 @@ once and every rank reads the same global batch: each takes its own rows inside 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -17,6 +18,28 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.config import LearnerConfig
+
+
+def learner_autocast(config: LearnerConfig) -> contextlib.AbstractContextManager:
+    """bf16 autocast around a whole train step when `learner.autocast` asks for it (recomputed old logprobs and the
+    reference run under it too, so an unchanged policy's ratio stays exactly 1); a no-op context otherwise."""
+    if config.autocast == "off":
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def by_length(trajectories: pa.Table, config: LearnerConfig) -> pa.Table:
+    """Rows sorted by prompt + response length when the whole batch is one mini-batch: micro-batches then hold rows
+    of similar length, so little of their (rows x longest row) forward is padding. The update is the same (every
+    row's loss is weighted by its share of the mini-batch), so only with several mini-batches is the order kept."""
+    if isinstance(trajectories, list | tuple):
+        trajectories = pa.Table.from_batches(list(trajectories))
+    if config.mini_batches != 1 or trajectories.num_rows < 2:
+        return trajectories
+    lengths = [len(p) + len(r) for p, r in zip(trajectories.column("prompt_ids").to_pylist(),
+                                               trajectories.column("response_ids").to_pylist(), strict=True)]
+    return trajectories.take(sorted(range(len(lengths)), key=lengths.__getitem__))
 
 
 class Learner:
@@ -67,13 +90,16 @@ class Learner:
         """One GRPO update on the global batch (trajectories with their `advantage` column)."""
         from learner.batch import collate
 
-        return self.engine.train_step(collate(trajectories, self.engine.pad_token_id))
+        with learner_autocast(self.config):
+            return self.engine.train_step(collate(by_length(trajectories, self.config), self.engine.pad_token_id))
 
     def compute_logprobs(self, trajectories: pa.Table) -> Any:
         """Current-policy next-token logprobs of the batch as a (B, T-1) numpy array."""
         from learner.batch import collate
 
-        return self.engine.compute_logprobs(collate(trajectories, self.engine.pad_token_id, scoring_only=True)).numpy()
+        batch = collate(trajectories, self.engine.pad_token_id, scoring_only=True)
+        with learner_autocast(self.config):
+            return self.engine.compute_logprobs(batch).numpy()
 
     def full_parameters(self) -> dict[str, Any] | None:
         """Rank 0: {name: numpy array} of the full weights (a collective under ZeRO-3); None elsewhere."""

@@ -1,0 +1,310 @@
+"""Format warm start (our addition, not in ReSearch): teach a small policy the tag format before GRPO.
+
+SmolLM2-135M-Instruct never writes `<search>` or `<answer>` with the paper's prompt, so every reward of Eq. 2 is 0 and
+GRPO has nothing to learn from. DeepSeek-R1 opens with a "cold start" of supervised trajectories for the same reason;
+the paper's 7B/32B models do not need one. This module builds such trajectories from the synthetic world's facts,
+1-hop training questions only (2-hop ones are left for RL to discover), and trains on them with the job's own
+learner:
+
+    expert_trajectory -> <think> ... </think> <search> question </search> + the real service's result block for that
+                         query + <think> ... </think> <answer> The final answer is \\[ \\boxed{answer} \\] </answer> EOS,
+                         tokenised as the rollout tokenises (prompt via build_prompt_ids, each generated piece on its own,
+                         the inserted block on its own, loss mask 0 on it), kept only when the block holds the answer
+    warm_start_policy -> cached HF directory under $RESEARCH_CACHE/warm/<hash of the inputs>, else build it:
+                         LearnerGroup.train_step on the expert trajectories with advantage 1, then export_hf
+
+Why LearnerGroup.train_step and no separate SFT loop: with advantage 1 on every row, kl_coef 0, entropy_coef 0, old
+logprobs recomputed just before the update, one mini-batch and one PPO epoch, the GRPO surrogate is
+-mean_tokens(ratio) with ratio = exp(logp - logp_old) = 1 in value, so its gradient is -mean_tokens(grad logp): exactly
+the gradient of the token-mean negative log-likelihood of the masked-in tokens (the clip is inactive at ratio 1).
+tests/unit/test_warm_start.py checks this against a plain NLL step. The same engine, loss mask and tokenisation
+are then used for warm start and RL, so nothing differs between what was imitated and what is sampled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from actors.prompts import RESULT_TEMPLATE, build_prompt_ids
+from actors.trajectory import Trajectory, to_record_batch
+from cluster.config import JobConfig
+from learner.config import LearnerConfig
+
+log = logging.getLogger("research.warm_start")
+WARM_DIR = "warm"
+MANIFEST = "warm_start.json"
+FIRST_THOUGHTS = (
+    "I need to find {need}. I will search for it.",
+    "To answer this I have to look up {need}.",
+    "I do not know {need}, so I will search.",
+)
+SECOND_THOUGHTS = (
+    "The search result says that the answer is {answer}.",
+    "According to the result, the answer is {answer}.",
+    "The result states it: {answer}.",
+)
+NEEDS = {"city": "the city", "year": "the year", "organisation": "the organisation", "country": "the country",
+         "person": "the person", "river": "the river"}
+
+
+@dataclass(frozen=True)
+class ExpertQuestion:
+    """A 1-hop training question with what the expert needs: its id, text, answers and answer type."""
+
+    id: str
+    text: str
+    golden_answers: list[str]
+    answer_type: str
+
+
+@dataclass
+class ExpertTrajectory:
+    """One expert trajectory: the trajectory record (tokens, mask, text, reward) and the query it searched."""
+
+    trajectory: Trajectory
+    question: ExpertQuestion
+    query: str
+    block: str
+
+
+def one_hop_questions(train_file: Path, exclude: Sequence[str] = ()) -> list[ExpertQuestion]:
+    """The 1-hop questions of a synthetic-world train file, minus any whose text is in `exclude` (held-out ones)."""
+    excluded = set(exclude)
+    questions = []
+    for line in train_file.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        metadata = row.get("metadata") or {}
+        if metadata.get("hops") != 1 or row["question"] in excluded:
+            continue
+        questions.append(ExpertQuestion(str(row["id"]), row["question"], list(row["golden_answers"]),
+                                        str(metadata.get("answer_type", ""))))
+    return questions
+
+
+def expert_query(question: ExpertQuestion) -> str:
+    """The query the expert searches: the question without its question mark (it names the entity and the relation,
+    which is what the MiniLM index matches best, and a policy learns it by copying)."""
+    return question.text.rstrip("?").strip()
+
+
+def expert_pieces(question: ExpertQuestion, rng: random.Random) -> tuple[str, str]:
+    """The two generated pieces: up to and including `</search>`, and from the second `<think>` to `</answer>`."""
+    need = NEEDS.get(question.answer_type, "the answer")
+    answer = question.golden_answers[0]
+    first = rng.choice(FIRST_THOUGHTS).format(need=need)
+    second = rng.choice(SECOND_THOUGHTS).format(answer=answer)
+    return (f"<think> {first} </think>\n<search> {expert_query(question)} </search>",
+            f"\n<think> {second} </think>\n<answer> The final answer is \\[ \\boxed{{{answer}}} \\] </answer>")
+
+
+def expert_trajectory(question: ExpertQuestion, block: str, tokenizer: Any, template: str, rng: random.Random,
+                      reward: Any) -> ExpertTrajectory:
+    """Token-level expert trajectory of `question` with the service's result text `block`, scored by `reward`.
+
+    Tokenised the way the rollout builds one: prompt ids from build_prompt_ids, each generated piece encoded on its
+    own (vLLM's ids end where the stop string `</search>` ends), the inserted block encoded on its own with loss mask
+    0, and the EOS id the engine returns when the policy stops.
+    """
+    first, second = expert_pieces(question, rng)
+    inserted = RESULT_TEMPLATE.format(block)
+    trajectory = Trajectory(prompt_id=f"warm:{question.id}", group_index=0, policy_version=0,
+                            prompt_ids=build_prompt_ids(question.text, template, tokenizer))
+    for text, generated, ends in ((first, True, False), (inserted, False, False), (second, True, True)):
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        if ends:
+            ids.append(tokenizer.eos_token_id)  # vLLM's last generated id when the policy stops at EOS
+        trajectory.response_ids.extend(ids)
+        trajectory.loss_mask.extend([int(generated)] * len(ids))
+        trajectory.behaviour_logprobs.extend([0.0] * len(ids))
+        if generated:
+            trajectory.generated_tokens += len(ids)
+            trajectory.num_turns += 1
+        else:
+            trajectory.inserted_tokens += len(ids)
+    trajectory.num_searches = 1
+    trajectory.end_reason, trajectory.finished = "eos", True
+    trajectory.response_text = first + inserted + second
+    reward(trajectory, question.golden_answers)
+    return ExpertTrajectory(trajectory, question, expert_query(question), block)
+
+
+async def search_blocks(urls: list[str], queries: list[str], topk: int, style: str) -> list[str]:
+    """The result text the real retrieval service gives each query, formatted exactly as the rollout's SearchTool."""
+    from actors.rollout import SearchTool
+    from retrieval_service.client import RetrievalClient
+
+    client = RetrievalClient(urls)
+    try:
+        tool = SearchTool(client, topk, style)  # type: ignore[arg-type]
+        results = await asyncio.gather(*(tool(query) for query in queries))
+    finally:
+        await client.aclose()
+    failed = sum(failed for _, failed in results)
+    if failed:
+        raise RuntimeError(f"{failed} of {len(queries)} warm-start searches failed: the retrieval service did not answer")
+    return [block for block, _ in results]
+
+
+def build_expert_trajectories(config: JobConfig, questions: list[ExpertQuestion], urls: list[str],
+                              tokenizer: Any) -> tuple[list[ExpertTrajectory], int]:
+    """Expert trajectories for up to `warm_start.questions` questions whose retrieved block holds the answer
+    (others are skipped: imitating a guess would teach answering without evidence); also returns how many were
+    skipped."""
+    from actors.reward import reward_fn
+
+    rng = random.Random(config.seed)
+    pool = list(questions)
+    rng.shuffle(pool)
+    wanted = config.warm_start.questions
+    candidates = pool[: wanted * 2]  # room for the ones whose search misses
+    blocks = asyncio.run(search_blocks(urls, [expert_query(q) for q in candidates], config.retrieval.topk,
+                                       config.retrieval.result_format))
+    reward = reward_fn(config.rollout.reward_fn)
+    experts, skipped = [], 0
+    for question, block in zip(candidates, blocks, strict=True):
+        if len(experts) == wanted:
+            break
+        if not any(answer.lower() in block.lower() for answer in question.golden_answers):
+            skipped += 1
+            continue
+        expert = expert_trajectory(question, block, tokenizer, config.rollout.prompt_template, rng, reward)
+        if expert.trajectory.reward < 1.0:
+            raise AssertionError(f"expert trajectory of {question.id} scored {expert.trajectory.reward}, not 1: "
+                                 f"{expert.trajectory.response_text!r}")
+        experts.append(expert)
+    return experts, skipped
+
+
+def supervised_learner_config(config: JobConfig) -> LearnerConfig:
+    """The job's learner turned into the NLL step described in the module docstring (advantage 1 is in the data)."""
+    warm = config.warm_start
+    grpo = config.learner.grpo.model_copy(update={
+        "kl_coef": 0.0, "entropy_coef": 0.0, "old_logprobs": "recompute", "decoupled": False, "temperature": 1.0,
+        "agg": "token-mean",
+    })
+    return config.learner.model_copy(update={
+        "world_size": 1, "cpus_per_rank": warm.cpus, "lr": warm.lr, "lr_schedule": "constant", "mini_batches": 1,
+        "ppo_epochs": 1, "grpo": grpo,
+    })
+
+
+def as_training_table(experts: Sequence[ExpertTrajectory]) -> pa.Table:
+    """The expert trajectories with advantage 1 on every row: the learner's input for one supervised step."""
+    table = pa.Table.from_batches([to_record_batch([e.trajectory for e in experts])])
+    return table.append_column("advantage", pa.array([1.0] * table.num_rows, type=pa.float32()))
+
+
+def masked_nll(logprobs: Any, table: pa.Table) -> float:
+    """Token-mean negative log-likelihood of the masked-in response tokens, from the learner's (B, T-1) logprobs."""
+    total, count = 0.0, 0
+    for row, (prompt, mask) in enumerate(zip(table.column("prompt_ids").to_pylist(),
+                                             table.column("loss_mask").to_pylist(), strict=True)):
+        start = len(prompt) - 1
+        for k, m in enumerate(mask):
+            if m:
+                total -= float(logprobs[row, start + k])
+                count += 1
+    return total / max(count, 1)
+
+
+def cache_key(config: JobConfig, policy_path: str, train_file: Path, excluded: Sequence[str] = ()) -> str:
+    """Hash of everything the warm-started weights depend on; `excluded` are the held-out questions that were in
+    the training pool (none for the synthetic world, whose dev and train splits are disjoint)."""
+    policy = Path(policy_path)
+    weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in policy.glob("*.safetensors")) \
+        if policy.is_dir() else []
+    inputs = {
+        "version": 1, "policy": str(policy_path), "weights": weights, "train_file": str(train_file),
+        "train_size": train_file.stat().st_size, "warm_start": config.warm_start.model_dump(),
+        "seed": config.seed, "template": config.rollout.prompt_template, "reward": config.rollout.reward_fn,
+        "retrieval": {"topk": config.retrieval.topk, "format": config.retrieval.result_format,
+                      "encoder": config.retrieval.encoder.model_dump(mode="json"), "index": config.retrieval.index_dir},
+        "learner": supervised_learner_config(config).model_dump(mode="json"), "excluded": sorted(excluded),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def warm_start_policy(config: JobConfig, policy_path: str, urls: list[str], tokenizer: Any,
+                      held_out: Sequence[str] = ()) -> str:
+    """The policy the job starts from: `policy_path` when the warm start is off, else the cached warm-started copy
+    (built now if missing). `held_out` are validation question texts, which must never be trained on."""
+    if not config.warm_start.enabled:
+        return policy_path
+    from cluster.job_setup import data_files
+    from cluster.models import _exclusive, _publish, cache_root
+
+    train_file = data_files(config)[0][0]
+    excluded = {q.text for q in one_hop_questions(train_file)} & set(held_out)
+    target = cache_root() / WARM_DIR / cache_key(config, policy_path, train_file, sorted(excluded))
+    if (target / ".complete").exists():
+        log.info("warm start: reusing %s", target)
+        return str(target)
+    with _exclusive(target):
+        if (target / ".complete").exists():
+            return str(target)
+        build = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+        manifest = run_warm_start(config, policy_path, urls, tokenizer, train_file, held_out, build)
+        (build / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _publish(build, target)
+    return str(target)
+
+
+def run_warm_start(config: JobConfig, policy_path: str, urls: list[str], tokenizer: Any, train_file: Path,
+                   held_out: Sequence[str], out_dir: Path) -> dict[str, Any]:
+    """Build the expert trajectories, train on them through a LearnerGroup, export the policy to `out_dir`."""
+    from learner.learner_actor import LearnerGroup
+
+    warm = config.warm_start
+    started = time.perf_counter()
+    questions = one_hop_questions(train_file, exclude=held_out)
+    experts, skipped = build_expert_trajectories(config, questions, urls, tokenizer)
+    if not experts:
+        raise RuntimeError("warm start: no 1-hop question's search returned its answer")
+    overlap = {e.question.text for e in experts} & set(held_out)
+    assert not overlap, f"warm start would train on held-out questions {sorted(overlap)}"
+    build_seconds = time.perf_counter() - started
+    log.info("warm start: %d expert trajectories (%d questions skipped: answer not retrieved), %.1f tokens each",
+             len(experts), skipped, sum(len(e.trajectory.response_ids) + len(e.trajectory.prompt_ids)
+                                        for e in experts) / len(experts))
+    group = LearnerGroup(supervised_learner_config(config), policy_path)
+    rng = random.Random(config.seed)
+    steps: list[dict[str, float]] = []
+    try:
+        probe = as_training_table(experts[: warm.batch_size])
+        nll_before = masked_nll(group.compute_logprobs(probe), probe)
+        for epoch in range(warm.epochs):
+            order = list(experts)
+            rng.shuffle(order)
+            for start in range(0, len(order), warm.batch_size):
+                step_started = time.perf_counter()
+                metrics = group.train_step(as_training_table(order[start:start + warm.batch_size]))
+                steps.append({"epoch": epoch, "seconds": time.perf_counter() - step_started,
+                              "grad_norm": metrics.get("grad_norm", 0.0)})
+                log.info("warm start step %d (epoch %d): %.1f s, grad norm %.2f", len(steps), epoch,
+                         steps[-1]["seconds"], steps[-1]["grad_norm"])
+        nll_after = masked_nll(group.compute_logprobs(probe), probe)
+        group.export_hf(str(out_dir), policy_path)
+    finally:
+        group.shutdown()
+    manifest = {
+        "policy": policy_path, "trajectories": len(experts), "skipped_questions": skipped, "steps": len(steps),
+        "nll_before": nll_before, "nll_after": nll_after, "build_seconds": build_seconds,
+        "seconds": time.perf_counter() - started, "step_seconds": [s["seconds"] for s in steps],
+        "question_ids": [e.question.id for e in experts],
+        "example": experts[0].trajectory.response_text,
+    }
+    log.info("warm start: %d steps in %.0f s, NLL of the expert tokens %.3f -> %.3f", len(steps),
+             manifest["seconds"], nll_before, nll_after)
+    return manifest
