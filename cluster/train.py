@@ -55,6 +55,25 @@ def connect_ray(address: str | None, quiet: bool = False) -> None:
              log_to_driver=not quiet)
 
 
+def local_session_dir() -> str | None:
+    """The session directory of the local Ray cluster this process started, None when it joined one."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_session_dir_path() if node is not None and node.head else None
+
+
+def stop_session_processes(session_dir: str) -> list[int]:
+    """SIGKILL what is left of a local Ray cluster this driver started: every process naming its session directory."""
+    killed = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if session_dir.encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+                killed.append(int(cmdline.parent.name))
+        except (OSError, ValueError):
+            continue
+    return killed
+
+
 class Trainer:
     """Owns the job's actors and runs the step loop; see the module docstring for one step."""
 
@@ -456,12 +475,17 @@ def main(argv: list[str] | None = None) -> int:
         summary = asyncio.run(trainer.run())
     finally:
         trainer.shutdown()
-        # Disconnects from a cluster, or stops the local one this driver started (dashboard and runtime-env agents
-        # included); then segments of engines that were killed rather than shut down go too.
+        # Disconnects from a cluster, or stops the local one this driver started, whose dashboard and runtime-env
+        # agents ray.shutdown leaves running; then segments of engines that were killed rather than shut down go too.
+        session = local_session_dir()
         ray.shutdown()
+        if session:
+            stop_session_processes(session)
         from actors.engine import free_orphaned_shm
 
-        free_orphaned_shm()
+        for _ in range(5):  # engine processes of stopped actors exit a moment after them, unmapping their segments
+            free_orphaned_shm(min_age_s=2.0)
+            time.sleep(1.0)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps(summary, indent=2, default=str))
     return 0
