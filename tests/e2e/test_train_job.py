@@ -77,7 +77,8 @@ def test_ray_job_submit_async_run_learns_and_dashboard(ray_head: dict[str, str],
     records = read_metrics(run_dir)
     steps = [r for r in records if "reward/mean" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
-    for key in ("learner/clip_fraction", "learner/approx_kl", "learner/ref_kl", "learner/entropy", "learner/grad_norm",
+    for key in ("learner/clip_fraction_binding", "learner/clip_fraction_ratio", "learner/approx_kl", "learner/ref_kl",
+                "learner/entropy", "learner/grad_norm",
                 "learner/lr", "rollout/response_length", "rollout/searches", "rollout/turns", "time/weight_sync",
                 "time/learner", "time/wait_for_rollouts", "throughput/generated_tokens_per_s", "staleness/max"):
         assert key in steps[-1], key
