@@ -50,6 +50,7 @@ def longest_batch(rows: int, prompt_tokens: int, response_tokens: int, vocab: in
     import torch
 
     from learner.batch import collate
+    from learner.grpo import with_advantages
 
     generator = torch.Generator().manual_seed(seed)
     columns: dict[str, list] = {"prompt_ids": [], "response_ids": [], "loss_mask": [], "behaviour_logprobs": [],
@@ -61,7 +62,7 @@ def longest_batch(rows: int, prompt_tokens: int, response_tokens: int, vocab: in
         columns["loss_mask"].append([1] * length)
         columns["behaviour_logprobs"].append([-6.9] * length)
         columns["reward"].append(float(i % 2))
-    return collate([pa.RecordBatch.from_pydict(columns)], pad_token_id=0)
+    return collate(with_advantages([pa.RecordBatch.from_pydict(columns)]), pad_token_id=0)
 
 
 def measure(config_name: str, overrides: list[str], steps: int = 2) -> dict[str, Any]:
