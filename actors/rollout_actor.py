@@ -185,7 +185,9 @@ class RolloutActor:
         }
 
     async def aclose(self) -> None:
-        """Close the retrieval client and stop the engine."""
+        """Close the retrieval client and stop the engine (and the watch on it, first: a stopped engine is not dead)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self.client.aclose()
         self.engine.shutdown()
 
