@@ -18,7 +18,10 @@ def _run_module(module: str, *args: str, env: dict[str, str] | None = None) -> d
     """Run `python -m module args --json` from the repository root in a fresh process (its own peak RSS)."""
     done = subprocess.run(
         [sys.executable, "-m", module, *args, "--json"], cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, **(env or {})},
+        # Without the rendezvous variables an earlier test's process group left in this process's environment: the
+        # child would try to serve the same MASTER_PORT, which that group still holds.
+        env={**{k: v for k, v in os.environ.items()
+                if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}, **(env or {})},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
