@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     timings["policy"] = time.perf_counter() - started
     console.print(f"policy: {policy}")
 
-    console.rule("[bold]4. GRPO with search: retrieval service, rollout actor, learner on a local Ray cluster")
+    warm_stage = "format warm start (cached after the first run), then " if config.warm_start.enabled else ""
+    console.rule(f"[bold]4. {warm_stage}GRPO with search: retrieval service, rollout actor, learner on a local Ray "
+                 "cluster")
     from cluster.train import Trainer, connect_ray
 
     connect_ray(None, quiet=True)

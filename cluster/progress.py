@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
+
+
+def total_steps(trainer: Any, num_questions: int) -> int:
+    """Steps a job will run: trainer.max_steps, else every epoch's questions in batches (the last one partial)."""
+    return trainer.max_steps or -(-num_questions * trainer.epochs // trainer.batch_size)
 
 
 class ProgressLine:

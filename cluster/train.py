@@ -24,7 +24,7 @@ import ray
 from cluster.config import ConfigError, JobConfig, load_config
 from cluster.data_stream import PromptItem, PromptStream
 from cluster.metrics import MetricsLogger, batch_metrics, plot_curves, validation_metrics
-from cluster.progress import ProgressLine
+from cluster.progress import ProgressLine, total_steps
 from cluster.rollout_pool import ACTOR_GONE, RolloutPool, stop_actors
 from cluster.samples import ValidationSamples, question_hops
 
@@ -136,8 +136,7 @@ class Trainer:
                                      run_name=config.name, config=config.model_dump(mode="json"))
         self.samples = ValidationSamples(run_dir, self.val_questions, tokenizer, rollout.prompt_template,
                                          config.logging.samples, question_hops(val_files))
-        self.progress = ProgressLine(config.trainer.max_steps or -(-len(self.train_questions) * config.trainer.epochs // config.trainer.batch_size),
-                                     config.logging.progress)
+        self.progress = ProgressLine(total_steps(config.trainer, len(self.train_questions)), config.logging.progress)
         self.pool.sync_weights()
 
     def _start_learner(self) -> Any:

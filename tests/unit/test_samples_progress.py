@@ -11,7 +11,7 @@ import pytest
 from actors.prompts import Question
 from actors.trajectory import Trajectory, to_record_batch
 from cluster.metrics import MetricsLogger
-from cluster.progress import ProgressLine
+from cluster.progress import ProgressLine, total_steps
 from cluster.samples import ValidationSamples, hop_metrics, question_hops, read_samples
 
 RESPONSE = ("<think> I need the city. </think>\n<search> where was Ada born </search> <result>\n\"Ada\"\nAda was born "
@@ -68,3 +68,10 @@ def test_progress_line_has_reward_searches_seconds_and_eta() -> None:
     quiet = io.StringIO()
     ProgressLine(10, False, quiet).step(1, {})
     assert quiet.getvalue() == ""
+
+
+def test_total_steps_is_max_steps_or_the_epochs_in_batches() -> None:
+    from cluster.config import TrainerConfig
+
+    assert total_steps(TrainerConfig(max_steps=7), 100) == 7
+    assert total_steps(TrainerConfig(epochs=2, batch_size=4), 10) == 5
