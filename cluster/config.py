@@ -76,7 +76,7 @@ class TrainerConfig(BaseModel):
 
 
 class WarmStartConfig(BaseModel):
-    """Format warm start (our addition; the paper's 7B models need none): a few supervised steps on expert 1-hop
+    """Format warm start (our addition; the paper's 7B models need none): a few supervised steps on expert
     trajectories built from the synthetic world's facts and the real retrieval service, before GRPO
     (cluster/warm_start.py). The result is cached under $RESEARCH_CACHE/warm/<hash of its inputs>."""
 
@@ -85,6 +85,9 @@ class WarmStartConfig(BaseModel):
     enabled: bool = Field(False, description="Run the warm start before GRPO and train from its policy (off in the "
                           "paper presets, on in the CPU presets).")
     questions: int = Field(48, ge=1, description="1-hop training questions turned into expert trajectories.")
+    two_hop_questions: int = Field(0, ge=0, description="2-hop training questions turned into two-search expert "
+                                   "trajectories (search the question, then the entity its result names), so that "
+                                   "GRPO sees multi-search samples to amplify.")
     epochs: int = Field(2, ge=1, description="Passes over the expert trajectories.")
     batch_size: int = Field(8, ge=1, description="Expert trajectories per optimizer step.")
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate of the supervised steps.")

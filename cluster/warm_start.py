@@ -2,14 +2,16 @@
 
 SmolLM2-135M-Instruct never writes `<search>` or `<answer>` with the paper's prompt, so every reward of Eq. 2 is 0 and
 GRPO has nothing to learn from. DeepSeek-R1 opens with a "cold start" of supervised trajectories for the same reason;
-the paper's 7B/32B models do not need one. This module builds such trajectories from the synthetic world's facts,
-1-hop training questions only (2-hop ones are left for RL to discover), and trains on them with the job's own
-learner:
+the paper's 7B/32B models do not need one. This module builds such trajectories from the synthetic world's facts
+and trains on them with the job's own learner:
 
     expert_trajectory -> <think> ... </think> <search> question </search> + the real service's result block for that
                          query + <think> ... </think> <answer> The final answer is \\[ \\boxed{answer} \\] </answer> EOS,
                          tokenised as the rollout tokenises (prompt via build_prompt_ids, each generated piece on its own,
-                         the inserted block on its own, loss mask 0 on it), kept only when the block holds the answer
+                         the inserted block on its own, loss mask 0 on it), kept only when the block holds the answer;
+                         for the few 2-hop questions of `warm_start.two_hop_questions`, a second search in between
+                         for the entity the first result names (the bridge), kept only when the first block names it
+                         and the second holds the answer
     warm_start_policy -> cached HF directory under $RESEARCH_CACHE/warm/<hash of the inputs>, else build it:
                          LearnerGroup.train_step on the expert trajectories with advantage 1, then export_hf
 
@@ -55,6 +57,11 @@ SECOND_THOUGHTS = (
     "According to the result, the answer is {answer}.",
     "The result states it: {answer}.",
 )
+BRIDGE_THOUGHTS = (
+    "The result about {subject} names {bridge}. I still need {need}, so I will search for {bridge}.",
+    "According to the passage on {subject}, it is {bridge}. To find {need} I have to look up {bridge}.",
+    "From {subject} I get {bridge}, but not {need} yet. I will search for {bridge}.",
+)
 NEEDS = {"city": "the city", "year": "the year", "organisation": "the organisation", "country": "the country",
          "person": "the person", "river": "the river"}
 
@@ -67,6 +74,10 @@ class ExpertQuestion:
     text: str
     golden_answers: list[str]
     answer_type: str
+    bridge: str = ""
+    """2-hop questions: the entity the first hop leads to (the title of the passage that holds the answer)."""
+    subject: str = ""
+    """2-hop questions: the entity the question names (the title of the first hop's passage)."""
 
 
 @dataclass
@@ -75,22 +86,42 @@ class ExpertTrajectory:
 
     trajectory: Trajectory
     question: ExpertQuestion
-    query: str
-    block: str
+    queries: list[str]
+    blocks: list[str]
 
 
-def one_hop_questions(train_file: Path, exclude: Sequence[str] = ()) -> list[ExpertQuestion]:
-    """The 1-hop questions of a synthetic-world train file, minus any whose text is in `exclude` (held-out ones)."""
+def training_questions(train_file: Path, exclude: Sequence[str] = (), hops: int = 1) -> list[ExpertQuestion]:
+    """The `hops`-hop questions of a synthetic-world train file, minus any whose text is in `exclude` (held-out
+    ones); 2-hop questions carry their bridge entity, read from the world's corpus.jsonl beside the train file."""
     excluded = set(exclude)
-    questions = []
+    rows = []
     for line in train_file.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        metadata = row.get("metadata") or {}
-        if metadata.get("hops") != 1 or row["question"] in excluded:
-            continue
-        questions.append(ExpertQuestion(str(row["id"]), row["question"], list(row["golden_answers"]),
-                                        str(metadata.get("answer_type", ""))))
-    return questions
+        if (row.get("metadata") or {}).get("hops") == hops and row["question"] not in excluded:
+            rows.append(row)
+    if hops == 1:
+        return [ExpertQuestion(str(row["id"]), row["question"], list(row["golden_answers"]),
+                               str(row["metadata"].get("answer_type", ""))) for row in rows]
+    titles = _passage_titles(train_file.parent / "corpus.jsonl",
+                             {i for row in rows for i in row["metadata"]["supporting_ids"]})
+    return [ExpertQuestion(str(row["id"]), row["question"], list(row["golden_answers"]),
+                           str(row["metadata"].get("answer_type", "")), titles[row["metadata"]["supporting_ids"][-1]],
+                           titles[row["metadata"]["supporting_ids"][0]]) for row in rows]
+
+
+def _passage_titles(corpus_file: Path, ids: set[str]) -> dict[str, str]:
+    """Titles of the corpus passages `ids` (the synthetic world writes each passage as '"Title"\\ntext')."""
+    from retrieval_service.corpus import split_contents
+
+    if not corpus_file.exists():
+        raise FileNotFoundError(f"2-hop warm start needs the synthetic world's corpus, not found: {corpus_file}")
+    titles = {}
+    with open(corpus_file, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if str(row["id"]) in ids:
+                titles[str(row["id"])] = split_contents(row["contents"])[0]
+    return titles
 
 
 def expert_query(question: ExpertQuestion) -> str:
@@ -99,29 +130,45 @@ def expert_query(question: ExpertQuestion) -> str:
     return question.text.rstrip("?").strip()
 
 
-def expert_pieces(question: ExpertQuestion, rng: random.Random) -> tuple[str, str]:
-    """The two generated pieces: up to and including `</search>`, and from the second `<think>` to `</answer>`."""
+def expert_queries(question: ExpertQuestion) -> list[str]:
+    """What the expert searches, in order: the question, then (2-hop) the bridge entity by name."""
+    return [expert_query(question), question.bridge] if question.bridge else [expert_query(question)]
+
+
+def expert_pieces(question: ExpertQuestion, rng: random.Random) -> list[str]:
+    """The generated pieces, one more than the searches: each ends with a `</search>`, the last with `</answer>`."""
     need = NEEDS.get(question.answer_type, "the answer")
     answer = question.golden_answers[0]
     first = rng.choice(FIRST_THOUGHTS).format(need=need)
+    pieces = [f"<think> {first} </think>\n<search> {expert_query(question)} </search>"]
+    if question.bridge:
+        bridge = rng.choice(BRIDGE_THOUGHTS).format(bridge=question.bridge, need=need, subject=question.subject)
+        pieces.append(f"\n<think> {bridge} </think>\n<search> {question.bridge} </search>")
     second = rng.choice(SECOND_THOUGHTS).format(answer=answer)
-    return (f"<think> {first} </think>\n<search> {expert_query(question)} </search>",
-            f"\n<think> {second} </think>\n<answer> The final answer is \\[ \\boxed{{{answer}}} \\] </answer>")
+    pieces.append(f"\n<think> {second} </think>\n<answer> The final answer is \\[ \\boxed{{{answer}}} \\] </answer>")
+    return pieces
 
 
-def expert_trajectory(question: ExpertQuestion, block: str, tokenizer: Any, template: str, rng: random.Random,
-                      reward: Any) -> ExpertTrajectory:
-    """Token-level expert trajectory of `question` with the service's result text `block`, scored by `reward`.
+def expert_trajectory(question: ExpertQuestion, blocks: Sequence[str], tokenizer: Any, template: str,
+                      rng: random.Random, reward: Any) -> ExpertTrajectory:
+    """Token-level expert trajectory of `question` with the service's result text `blocks` (one per search of
+    expert_queries), scored by `reward`.
 
     Tokenised the way the rollout builds one: prompt ids from build_prompt_ids, each generated piece encoded on its
     own (vLLM's ids end where the stop string `</search>` ends), the inserted block encoded on its own with loss mask
     0, and the EOS id the engine returns when the policy stops.
     """
-    first, second = expert_pieces(question, rng)
-    inserted = RESULT_TEMPLATE.format(block)
+    pieces = expert_pieces(question, rng)
+    inserted = [RESULT_TEMPLATE.format(block) for block in blocks]
+    if len(inserted) != len(pieces) - 1:
+        raise ValueError(f"{len(pieces) - 1} searches need as many result blocks, got {len(inserted)}")
     trajectory = Trajectory(prompt_id=f"warm:{question.id}", group_index=0, policy_version=0,
                             prompt_ids=build_prompt_ids(question.text, template, tokenizer))
-    for text, generated, ends in ((first, True, False), (inserted, False, False), (second, True, True)):
+    parts = [(piece, True) for piece in pieces]
+    for k, block in enumerate(inserted):
+        parts.insert(2 * k + 1, (block, False))
+    for k, (text, generated) in enumerate(parts):
+        ends = k == len(parts) - 1
         ids = list(tokenizer.encode(text, add_special_tokens=False))
         if ends:
             ids.append(tokenizer.eos_token_id)  # vLLM's last generated id when the policy stops at EOS
@@ -133,11 +180,11 @@ def expert_trajectory(question: ExpertQuestion, block: str, tokenizer: Any, temp
             trajectory.num_turns += 1
         else:
             trajectory.inserted_tokens += len(ids)
-    trajectory.num_searches = 1
+    trajectory.num_searches = len(inserted)
     trajectory.end_reason, trajectory.finished = "eos", True
-    trajectory.response_text = first + inserted + second
+    trajectory.response_text = "".join(text for text, _ in parts)
     reward(trajectory, question.golden_answers)
-    return ExpertTrajectory(trajectory, question, expert_query(question), block)
+    return ExpertTrajectory(trajectory, question, expert_queries(question), list(blocks))
 
 
 async def search_blocks(urls: list[str], queries: list[str], topk: int, style: str) -> list[str]:
@@ -157,29 +204,31 @@ async def search_blocks(urls: list[str], queries: list[str], topk: int, style: s
     return [block for block, _ in results]
 
 
-def build_expert_trajectories(config: JobConfig, questions: list[ExpertQuestion], urls: list[str],
-                              tokenizer: Any) -> tuple[list[ExpertTrajectory], int]:
-    """Expert trajectories for up to `warm_start.questions` questions whose retrieved block holds the answer
-    (others are skipped: imitating a guess would teach answering without evidence); also returns how many were
-    skipped."""
+def build_expert_trajectories(config: JobConfig, questions: list[ExpertQuestion], urls: list[str], tokenizer: Any,
+                              wanted: int) -> tuple[list[ExpertTrajectory], int]:
+    """Expert trajectories for up to `wanted` of `questions` whose searches find what they look for (the bridge in
+    the first block of a 2-hop question, the answer in the last block); others are skipped, since imitating a guess
+    would teach answering without evidence. Also returns how many were skipped."""
     from actors.reward import reward_fn
 
     rng = random.Random(config.seed)
     pool = list(questions)
     rng.shuffle(pool)
-    wanted = config.warm_start.questions
-    candidates = pool[: wanted * 2]  # room for the ones whose search misses
-    blocks = asyncio.run(search_blocks(urls, [expert_query(q) for q in candidates], config.retrieval.topk,
-                                       config.retrieval.result_format))
+    candidates = pool[: wanted * 3]  # room for the ones whose search misses
+    hops = len(expert_queries(candidates[0])) if candidates else 1
+    found = asyncio.run(search_blocks(urls, [query for q in candidates for query in expert_queries(q)],
+                                      config.retrieval.topk, config.retrieval.result_format))
     reward = reward_fn(config.rollout.reward_fn)
     experts, skipped = [], 0
-    for question, block in zip(candidates, blocks, strict=True):
+    for k, question in enumerate(candidates):
         if len(experts) == wanted:
             break
-        if not any(answer.lower() in block.lower() for answer in question.golden_answers):
+        blocks = found[k * hops:(k + 1) * hops]
+        if not (any(answer.lower() in blocks[-1].lower() for answer in question.golden_answers)
+                and question.bridge.lower() in blocks[0].lower()):
             skipped += 1
             continue
-        expert = expert_trajectory(question, block, tokenizer, config.rollout.prompt_template, rng, reward)
+        expert = expert_trajectory(question, blocks, tokenizer, config.rollout.prompt_template, rng, reward)
         if expert.trajectory.reward < 1.0:
             raise AssertionError(f"expert trajectory of {question.id} scored {expert.trajectory.reward}, not 1: "
                                  f"{expert.trajectory.response_text!r}")
@@ -226,7 +275,7 @@ def cache_key(config: JobConfig, policy_path: str, train_file: Path, excluded: S
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in policy.glob("*.safetensors")) \
         if policy.is_dir() else []
     inputs = {
-        "version": 1, "policy": str(policy_path), "weights": weights, "train_file": str(train_file),
+        "version": 2, "policy": str(policy_path), "weights": weights, "train_file": str(train_file),
         "train_size": train_file.stat().st_size, "warm_start": config.warm_start.model_dump(),
         "seed": config.seed, "template": config.rollout.prompt_template, "reward": config.rollout.reward_fn,
         "retrieval": {"topk": config.retrieval.topk, "format": config.retrieval.result_format,
@@ -246,7 +295,7 @@ def warm_start_policy(config: JobConfig, policy_path: str, urls: list[str], toke
     from cluster.models import _exclusive, _publish, cache_root
 
     train_file = data_files(config)[0][0]
-    excluded = {q.text for q in one_hop_questions(train_file)} & set(held_out)
+    excluded = {q.text for hops in (1, 2) for q in training_questions(train_file, hops=hops)} & set(held_out)
     target = cache_root() / WARM_DIR / cache_key(config, policy_path, train_file, sorted(excluded))
     if (target / ".complete").exists():
         log.info("warm start: reusing %s", target)
@@ -268,10 +317,14 @@ def run_warm_start(config: JobConfig, policy_path: str, urls: list[str], tokeniz
 
     warm = config.warm_start
     started = time.perf_counter()
-    questions = one_hop_questions(train_file, exclude=held_out)
-    experts, skipped = build_expert_trajectories(config, questions, urls, tokenizer)
+    experts, skipped = build_expert_trajectories(config, training_questions(train_file, held_out), urls, tokenizer,
+                                                 warm.questions)
     if not experts:
         raise RuntimeError("warm start: no 1-hop question's search returned its answer")
+    if warm.two_hop_questions:
+        two_hop, skipped_two_hop = build_expert_trajectories(config, training_questions(train_file, held_out, hops=2),
+                                                             urls, tokenizer, warm.two_hop_questions)
+        experts, skipped = experts + two_hop, skipped + skipped_two_hop
     overlap = {e.question.text for e in experts} & set(held_out)
     assert not overlap, f"warm start would train on held-out questions {sorted(overlap)}"
     build_seconds = time.perf_counter() - started
@@ -303,6 +356,7 @@ def run_warm_start(config: JobConfig, policy_path: str, urls: list[str], tokeniz
         "nll_before": nll_before, "nll_after": nll_after, "build_seconds": build_seconds,
         "seconds": time.perf_counter() - started, "step_seconds": [s["seconds"] for s in steps],
         "question_ids": [e.question.id for e in experts],
+        "two_hop_trajectories": sum(bool(e.question.bridge) for e in experts),
         "example": experts[0].trajectory.response_text,
     }
     log.info("warm start: %d steps in %.0f s, NLL of the expert tokens %.3f -> %.3f", len(steps),

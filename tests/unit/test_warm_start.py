@@ -22,8 +22,8 @@ from cluster.warm_start import (
     expert_query,
     expert_trajectory,
     masked_nll,
-    one_hop_questions,
     supervised_learner_config,
+    training_questions,
 )
 from learner.grpo import policy_loss
 from learner.logprobs import token_logprobs
@@ -48,15 +48,15 @@ def tokenizer():  # noqa: ANN201 - a transformers tokenizer
 
 
 def passages_of(world: Path, question: dict) -> list[Passage]:
-    """The question's supporting passages from the corpus, as the service would return them."""
-    wanted = set(question["metadata"]["supporting_ids"])
-    found = []
+    """The question's supporting passages from the corpus, in hop order, as the service would return them."""
+    wanted = question["metadata"]["supporting_ids"]
+    found = {}
     for line in (world / "corpus.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row["id"] in wanted:
             title, text = split_contents(row["contents"])
-            found.append(Passage(row["id"], title, text, 1.0))
-    return found
+            found[row["id"]] = Passage(row["id"], title, text, 1.0)
+    return [found[i] for i in wanted]
 
 
 def first_one_hop(world: Path) -> tuple[dict, ExpertQuestion]:
@@ -68,7 +68,7 @@ def first_one_hop(world: Path) -> tuple[dict, ExpertQuestion]:
 def test_expert_trajectory_is_tokenised_as_the_rollout_does(world: Path, tokenizer) -> None:  # noqa: ANN001
     row, question = first_one_hop(world)
     block = format_passages(passages_of(world, row))
-    expert = expert_trajectory(question, block, tokenizer, "instruct", random.Random(0), reward_fn("research"))
+    expert = expert_trajectory(question, [block], tokenizer, "instruct", random.Random(0), reward_fn("research"))
     t = expert.trajectory
     assert t.prompt_ids == build_prompt_ids(question.text, "instruct", tokenizer)
     inserted = tokenizer.encode(RESULT_TEMPLATE.format(block), add_special_tokens=False)
@@ -84,6 +84,28 @@ def test_expert_trajectory_is_tokenised_as_the_rollout_does(world: Path, tokeniz
     assert (t.reward, t.f1, t.format_valid, t.num_searches) == (1.0, 1.0, True, 1)
 
 
+def test_two_hop_expert_searches_the_question_then_the_bridge(world: Path, tokenizer) -> None:  # noqa: ANN001
+    """A 2-hop expert: search the question, think, search the bridge entity by name, answer; both blocks masked."""
+    question = training_questions(world / "train.jsonl", hops=2)[0]
+    row = next(json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()
+               if json.loads(line)["id"] == question.id)
+    first, second = passages_of(world, row)[0], passages_of(world, row)[-1]
+    assert question.bridge and question.bridge == second.title and question.bridge in first.text
+    blocks = [format_passages([first]), format_passages([second])]
+    expert = expert_trajectory(question, blocks, tokenizer, "instruct", random.Random(0), reward_fn("research"))
+    t = expert.trajectory
+    assert expert.queries == [expert_query(question), question.bridge]
+    assert t.response_text.count("<search>") == 2 and f"<search> {question.bridge} </search>" in t.response_text
+    inserted = [tokenizer.encode(RESULT_TEMPLATE.format(b), add_special_tokens=False) for b in blocks]
+    assert t.inserted_tokens == sum(map(len, inserted)) == t.loss_mask.count(0)
+    runs = [k for k in range(1, len(t.loss_mask)) if t.loss_mask[k] != t.loss_mask[k - 1]]
+    assert len(runs) == 4  # generated, block, generated, block, generated
+    assert t.response_ids[runs[0]:runs[1]] == inserted[0] and t.response_ids[runs[2]:runs[3]] == inserted[1]
+    assert (t.reward, t.format_valid, t.num_searches) == (1.0, True, 2)
+    with pytest.raises(ValueError, match="2 searches need as many result blocks"):
+        expert_trajectory(question, blocks[:1], tokenizer, "instruct", random.Random(0), reward_fn("research"))
+
+
 def test_warm_start_questions_are_one_hop_training_questions_disjoint_from_held_out(world: Path) -> None:
     train = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
     dev = [json.loads(line) for line in (world / "dev.jsonl").read_text().splitlines()]
@@ -91,7 +113,7 @@ def test_warm_start_questions_are_one_hop_training_questions_disjoint_from_held_
     # The world draws dev first, without replacement: no held-out question is a training question (warm start or RL).
     assert not dev_texts & {q["question"] for q in train}
     assert not {q["id"] for q in dev} & {q["id"] for q in train}
-    chosen = one_hop_questions(world / "train.jsonl", exclude=[train[0]["question"]])
+    chosen = training_questions(world / "train.jsonl", exclude=[train[0]["question"]])
     assert chosen and all(q.id.startswith("train_") for q in chosen)
     assert {q.text for q in chosen} <= {q["question"] for q in train if q["metadata"]["hops"] == 1}
     assert train[0]["question"] not in {q.text for q in chosen}
@@ -114,7 +136,7 @@ def test_grpo_surrogate_with_unit_advantage_has_the_nll_gradient(world: Path, to
     from learner.batch import collate
 
     row, question = first_one_hop(world)
-    expert = expert_trajectory(question, format_passages(passages_of(world, row)), tokenizer, "instruct",
+    expert = expert_trajectory(question, [format_passages(passages_of(world, row))], tokenizer, "instruct",
                                random.Random(0), reward_fn("research"))
     batch = collate(as_training_table([expert, expert]), tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir(), dtype=torch.float32)
@@ -150,7 +172,7 @@ def test_one_learner_step_equals_a_plain_nll_adamw_step(world: Path, tokenizer) 
     from learner.engine import LearnerEngine
 
     row, question = first_one_hop(world)
-    expert = expert_trajectory(question, format_passages(passages_of(world, row)), tokenizer, "instruct",
+    expert = expert_trajectory(question, [format_passages(passages_of(world, row))], tokenizer, "instruct",
                                random.Random(0), reward_fn("research"))
     config = load_config("test-tiny", ["warm_start.enabled=true", "learner.zero_stage=0", "warm_start.lr=1e-3"])
     learner_config = supervised_learner_config(config)
