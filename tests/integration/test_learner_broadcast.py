@@ -122,3 +122,43 @@ def test_broadcast_into_vllm_matches_learner(
         assert np.abs(initial_logprobs.numpy() - np.asarray(after.logprobs)).max() > 1e-2
     finally:
         group.shutdown()
+
+
+def test_pool_stamps_work_with_the_version_every_engine_holds(ray_cluster, policy_path: str) -> None:
+    """The version dispatched work is stamped with moves only once every engine has loaded a sync: after a learner
+    update (learner version 1) and before the sync, work is still stamped 0, as the engine still holds 0."""
+    from actors.config import EngineConfig, RolloutConfig
+    from actors.prompts import Question
+    from actors.rollout_actor import remote_rollout_actor
+    from cluster.data_stream import PromptItem
+    from cluster.rollout_pool import RolloutPool, stop_actors
+
+    config = LearnerConfig(world_size=1, zero_stage=2, lr=1e-2, micro_batch_size=2, grpo=GRPOConfig(kl_coef=0.0))
+    rollout = RolloutConfig(group_size=2, cpus_per_actor=1, sampling=SamplingConfig(max_response_tokens=4),
+                            engine=EngineConfig(max_model_len=256, cpu_kvcache_gb=0.25, max_num_seqs=4))
+    learner = LearnerGroup(config, policy_path)
+    pool = RolloutPool(remote_rollout_actor(policy_path, rollout), learner, sync_timeout_s=300)
+
+    def stamped() -> set[int]:
+        async def one() -> set[int]:
+            done = await pool.dispatch(PromptItem(0, 0), Question("q", PROMPT, ["x"]), sampling={"temperature": 0.0})
+            assert done.batch is not None, done.error
+            return set(done.batch.column("policy_version").to_pylist())
+        return asyncio.run(one())
+
+    def engine_versions() -> list[int]:
+        return ray.get([slot.handle.policy_version.remote() for slot in pool.slots.values()])
+
+    try:
+        pool.add(1)
+        pool.sync_weights()
+        assert pool.policy_version == 0 and engine_versions() == [0]
+        learner.train_step(training_groups())
+        assert learner.policy_version == 1
+        assert stamped() == {0} and engine_versions() == [0]  # the engines have not loaded version 1 yet
+        result = pool.sync_weights()
+        assert result["policy_version"] == pool.policy_version == 1 and engine_versions() == [1]
+        assert stamped() == {1}
+    finally:
+        stop_actors([slot.handle for slot in pool.slots.values()])
+        learner.shutdown()

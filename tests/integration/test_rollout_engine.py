@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,40 @@ def test_receiver_loads_new_weights_and_greedy_follows_them(
         assert after != before
         assert actor.policy_version() == version
         assert run(actor.health())["worker_policy_versions"] == [version]
+
+
+@pytest.mark.slow
+def test_prefix_cache_reset_preempts_running_requests(actor: Any, run: Any) -> None:
+    """After a weight update the prefix cache is reset even while a generation runs (vLLM refuses a plain reset then,
+    and the next request would reuse KV computed with the old weights): the repeated prompt finds nothing cached,
+    and the running generation is preempted, re-prefilled and still finishes."""
+    from vllm import SamplingParams, TokensPrompt
+
+    llm = actor.engine._llm
+    prompt = list(range(100, 420))  # several full KV blocks
+    started = asyncio.Event()
+
+    async def final(prompt_ids: list[int], max_tokens: int, signal: asyncio.Event | None = None) -> Any:
+        out = None
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, ignore_eos=True, seed=0)
+        async for output in llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
+                                         request_id=uuid.uuid4().hex):
+            out = output
+            if signal is not None:
+                signal.set()
+        return out
+
+    async def scenario() -> tuple[int, int, Any]:
+        await final(prompt, 1)
+        cached_before = (await final(prompt, 1)).num_cached_tokens
+        running = asyncio.ensure_future(final(list(range(500, 560)), 400, started))
+        await started.wait()
+        await actor.engine.reset_prefix_cache()  # must not fail with a request running
+        assert not running.done()
+        cached_after = (await final(prompt, 1)).num_cached_tokens
+        return cached_before, cached_after, await running
+
+    cached_before, cached_after, long_run = run(scenario())
+    assert cached_before > 0  # prefix caching is on: the second identical prompt hit the cache
+    assert cached_after == 0  # ... and after the reset nothing old is reused
+    assert len(long_run.outputs[0].token_ids) == 400

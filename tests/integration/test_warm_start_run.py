@@ -21,7 +21,8 @@ def test_warm_start_trains_and_exports_a_loadable_policy(rollout_world: Path, re
 
     config = load_config("test-tiny", [
         f"data.train_files=[{rollout_world / 'train.jsonl'}]", f"data.val_files=[{rollout_world / 'dev.jsonl'}]",
-        f"retrieval.index_dir={rollout_world / 'index'}", "warm_start.enabled=true", "warm_start.questions=4",
+        f"retrieval.index_dir={rollout_world / 'index'}", "warm_start.enabled=true", "warm_start.questions=3",
+        "warm_start.two_hop_questions=1",
         "warm_start.batch_size=2", "warm_start.epochs=1", "warm_start.lr=1e-3", "warm_start.cpus=1",
     ])
     dev = [json.loads(line)["question"] for line in (rollout_world / "dev.jsonl").read_text().splitlines()]
@@ -35,6 +36,7 @@ def test_warm_start_trains_and_exports_a_loadable_policy(rollout_world: Path, re
         if started_ray:
             ray.shutdown()
     assert manifest["trajectories"] == 4 and manifest["steps"] == 2
+    assert manifest["two_hop_trajectories"] == 1  # its first search named the bridge, the second found the answer
     assert manifest["nll_after"] < manifest["nll_before"]  # two steps at lr 1e-3 already fit the expert tokens better
     train_ids = {json.loads(line)["id"] for line in (rollout_world / "train.jsonl").read_text().splitlines()}
     assert set(manifest["question_ids"]) <= train_ids

@@ -90,7 +90,7 @@ def test_two_hop_expert_searches_the_question_then_the_bridge(world: Path, token
     row = next(json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()
                if json.loads(line)["id"] == question.id)
     first, second = passages_of(world, row)[0], passages_of(world, row)[-1]
-    assert question.bridge and question.bridge == second.title and question.bridge in first.text
+    assert question.bridge == second.title and question.subject == first.title and question.bridge in first.text
     blocks = [format_passages([first]), format_passages([second])]
     expert = expert_trajectory(question, blocks, tokenizer, "instruct", random.Random(0), reward_fn("research"))
     t = expert.trajectory
