@@ -124,7 +124,8 @@ def test_broadcast_into_vllm_matches_learner(
         group.shutdown()
 
 
-def test_pool_stamps_work_with_the_version_every_engine_holds(ray_cluster, policy_path: str) -> None:
+def test_pool_stamps_work_with_the_version_every_engine_holds(ray_cluster, policy_path: str,
+                                                             retrieval_url: str) -> None:
     """The version dispatched work is stamped with moves only once every engine has loaded a sync: after a learner
     update (learner version 1) and before the sync, work is still stamped 0, as the engine still holds 0."""
     from actors.config import EngineConfig, RolloutConfig
@@ -132,12 +133,14 @@ def test_pool_stamps_work_with_the_version_every_engine_holds(ray_cluster, polic
     from actors.rollout_actor import remote_rollout_actor
     from cluster.data_stream import PromptItem
     from cluster.rollout_pool import RolloutPool, stop_actors
+    from retrieval_service.config import RetrievalConfig
 
     config = LearnerConfig(world_size=1, zero_stage=2, lr=1e-2, micro_batch_size=2, grpo=GRPOConfig(kl_coef=0.0))
     rollout = RolloutConfig(group_size=2, cpus_per_actor=1, sampling=SamplingConfig(max_response_tokens=4),
                             engine=EngineConfig(max_model_len=256, cpu_kvcache_gb=0.25, max_num_seqs=4))
     learner = LearnerGroup(config, policy_path)
-    pool = RolloutPool(remote_rollout_actor(policy_path, rollout), learner, sync_timeout_s=300)
+    make_actor = remote_rollout_actor(policy_path, rollout, RetrievalConfig(urls=[retrieval_url]))
+    pool = RolloutPool(make_actor, learner, sync_timeout_s=300, setup_timeout_s=300)
 
     def stamped() -> set[int]:
         async def one() -> set[int]:
