@@ -29,11 +29,11 @@ from cluster.rollout_pool import ACTOR_GONE, RolloutPool, stop_actors
 from cluster.samples import ValidationSamples, question_hops
 
 log = logging.getLogger("research.train")
+CONTROL_FILE = "control.json"
 
 
 class LearnerFailed(RuntimeError):
     """A learner rank died during an update or a weight sync."""
-CONTROL_FILE = "control.json"
 
 
 def connect_ray(address: str | None, quiet: bool = False) -> None:

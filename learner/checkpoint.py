@@ -70,11 +70,7 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
 
     root = Path(root)
     latest = latest_tag(root)
-    tags = []
-    for directory in root.iterdir() if root.is_dir() else []:
-        state = directory / DRIVER_STATE
-        if directory.is_dir() and directory.name.startswith("step") and directory.name[4:].isdigit():
-            tags.append((int(directory.name[4:]), state.is_file(), directory))
+    tags = _step_directories(root)
     complete = sorted((step, d) for step, ok, d in tags if ok)
     kept = {d for _, d in complete[-keep:]} | ({root / latest} if latest else set())
     oldest_kept = min((step for step, d in complete if d in kept), default=None)
@@ -96,8 +92,14 @@ def newest_complete_tag(root: str | Path) -> str | None:
     latest = latest_tag(root)
     if latest and (root / latest / DRIVER_STATE).is_file():
         return latest
-    steps = [int(d.name[4:]) for d in root.glob("step*") if d.name[4:].isdigit() and (d / DRIVER_STATE).is_file()]
+    steps = [step for step, complete, _ in _step_directories(root) if complete]
     return f"step{max(steps)}" if steps else None
+
+
+def _step_directories(root: Path) -> list[tuple[int, bool, Path]]:
+    """(step, complete: its driver state was written, directory) of every step<N> checkpoint directory under root."""
+    return [(int(d.name[4:]), (d / DRIVER_STATE).is_file(), d) for d in (root.iterdir() if root.is_dir() else [])
+            if d.is_dir() and d.name.startswith("step") and d.name[4:].isdigit()]
 
 
 def load_checkpoint(learner: LearnerEngine, root: str | Path, tag: str | None = None) -> dict[str, Any]:
