@@ -37,6 +37,15 @@ class GRPOConfig(BaseModel):
         "logprobs and weight each token by pi_prox / pi_behaviour. None = on exactly when a job generates ahead "
         "(trainer.max_staleness > 0) and recomputes old logprobs.",
     )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: a group whose rewards are all equal (every advantage 0) is "
+        "dropped and its prompt counted as used; fresh prompts replace it. Off in the paper presets (the reference "
+        "trains on every group).",
+    )
+    dynamic_sampling_max_draws: int = Field(
+        3, ge=1, description="With dynamic_sampling, a step drops at most (max_draws - 1) x batch_size groups; past "
+        "that, zero-variance groups are trained on, so a step always completes.",
+    )
     old_logprobs: Literal["auto", "behaviour", "recompute"] = Field(
         "auto", description="Denominator of the importance ratio: the sampler's logprobs ('behaviour'), or the "
         "learner's own before the update ('recompute', as verl does: one more forward). auto = behaviour when "
