@@ -132,6 +132,8 @@ class RolloutPool:
         self._sync_lock = threading.Lock()
         self.syncs: list[tuple[float, float]] = []
         """(start, end) of every sync, monotonic seconds: syncs never overlap (the lock; the chaos test checks it)."""
+        self.syncs_waited = 0
+        """Syncs asked for while another was running (they waited for it)."""
         self._checked_nodes: set[str] = set()
         # the producer (see `produce`)
         self.buffer: list[Finished] = []
@@ -330,6 +332,8 @@ class RolloutPool:
         raises LearnerFailed when a learner rank is gone or hangs. Engines hold the new policy version, and dispatch
         stamps it, only once every load has returned.
         """
+        if self._sync_lock.locked():
+            self.syncs_waited += 1  # another sync is running (the producer's, or the trainer's): it goes after it
         with self._sync_lock:
             started = time.monotonic()
             try:
@@ -435,6 +439,12 @@ class RolloutPool:
                 ray.get(slot.handle.pid.remote(), timeout=self.weight_sync_timeout_s)
             except ACTOR_GONE:
                 self.replace_dead(slot.actor_id)
+
+
+def overlapping(intervals: list[tuple[float, float]]) -> int:
+    """How many of these (start, end) intervals begin before the previous one (in start order) ended."""
+    ordered = sorted(intervals)
+    return sum(1 for before, after in itertools.pairwise(ordered) if after[0] < before[1])
 
 
 def wait_answers(refs: list[Any], timeout_s: float) -> dict[Any, tuple[str, Any]]:

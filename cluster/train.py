@@ -25,7 +25,7 @@ from cluster.config import ConfigError, JobConfig, load_config
 from cluster.data_stream import PromptItem, PromptStream
 from cluster.metrics import MetricsLogger, batch_metrics, plot_curves, validation_metrics
 from cluster.progress import ProgressLine, total_steps
-from cluster.rollout_pool import ACTOR_GONE, Finished, LearnerFailed, RolloutPool, stop_actors
+from cluster.rollout_pool import ACTOR_GONE, Finished, LearnerFailed, RolloutPool, overlapping, stop_actors
 from cluster.samples import ValidationSamples, question_hops
 from cluster.scale import requested_actors
 
@@ -257,7 +257,8 @@ class Trainer:
         self.metrics.close()
         log.info("stopped on %s at step %d; `--resume` continues from %s", self.stopping, self.step, checkpoint)
         return {"steps": self.step, "stopped": self.stopping, "checkpoint": checkpoint,
-                "policy_version": self.learner.policy_version, "learner_restarts": self.learner_restarts}
+                "policy_version": self.learner.policy_version, "learner_restarts": self.learner_restarts,
+                **self._sync_summary()}
 
     async def _finished(self, first_val: dict[str, float]) -> dict[str, Any]:
         """Final validation, checkpoint, HF export and curves; the summary of a run that used up its steps or data."""
@@ -268,7 +269,12 @@ class Trainer:
         return {"steps": self.step, "policy_version": self.learner.policy_version, "checkpoint": checkpoint,
                 "hf_export": self.hf_export, "curves": str(self.curves), "val_before": first_val, "val_after": last_val,
                 "rollout_actors_replaced": self.pool.replaced, "rollouts_failed": self.pool.failed,
-                "learner_restarts": self.learner_restarts}
+                "learner_restarts": self.learner_restarts, **self._sync_summary()}
+
+    def _sync_summary(self) -> dict[str, int]:
+        """Weight syncs of the run, how many had to wait for another, and how many overlapped one (must be 0)."""
+        return {"weight_syncs": len(self.pool.syncs), "weight_syncs_waited": self.pool.syncs_waited,
+                "weight_syncs_overlapping": overlapping(self.pool.syncs)}
 
     def _stop_on_signals(self) -> asyncio.Future:
         """SIGTERM (what `ray job stop` and Kubernetes send) and SIGINT end the run at the next step boundary with a

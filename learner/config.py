@@ -7,6 +7,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def plain_sampling(temperature: float, top_p: float, top_k: int) -> bool:
+    """Whether tokens are sampled from the untouched distribution (temperature 1, no top-p/top-k): the only case in
+    which vLLM's returned logprobs are the sampler's own (it returns raw, untempered, unfiltered logprobs)."""
+    return temperature == 1.0 and top_p == 1.0 and top_k <= 0
+
+
 class GRPOConfig(BaseModel):
     """The GRPO objective (the paper: clip 0.2, k3 KL to the reference with coefficient 0.001, token mean)."""
 
@@ -72,8 +78,7 @@ class GRPOConfig(BaseModel):
             temperature = sampling_temperature if sampling_temperature > 0 else 1.0
         old_logprobs = self.old_logprobs
         if old_logprobs == "auto":
-            plain = temperature == 1.0 and top_p == 1.0 and top_k <= 0
-            old_logprobs = "behaviour" if plain else "recompute"
+            old_logprobs = "behaviour" if plain_sampling(temperature, top_p, top_k) else "recompute"
         decoupled = self.decoupled
         if decoupled is None:
             decoupled = max_staleness > 0 and old_logprobs == "recompute"
