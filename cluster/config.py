@@ -57,6 +57,10 @@ class TrainerConfig(BaseModel):
 
     epochs: int = Field(2, ge=1, description="Passes over the training questions (the paper: 2).")
     batch_size: int = Field(256, ge=1, description="Prompts per policy update (each sampled group_size times).")
+    drop_last: bool = Field(
+        True, description="Drop each epoch's last partial batch (those prompts, different ones each epoch, are not "
+        "trained on in that epoch), as the reference's DataLoader does; false = train it (partial batch).",
+    )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many policy updates (None = run all epochs).")
     max_staleness: int = Field(0, ge=0, description="Policy versions generation may run ahead of learning (0 = on-policy).")
     val_every: int = Field(10, ge=0, description="Greedy validation every K steps (0 = only before and after).")
