@@ -84,7 +84,8 @@ def build_prompt_ids(question: str, template: str, tokenizer: Any) -> list[int]:
 RESULT_TEMPLATE = " <result>\n{}\n</result>"
 """The block inserted after `</search>` (ReSearch's rollout writes exactly this framing)."""
 EMPTY_QUERY_RESULT = "invalid query"
-"""Result text for a search call without a query (ReSearch's search() answers the same)."""
+"""What the reference's search() answers an empty query (its rollout calls batch_search, which searches it): a
+value for `retrieval.empty_query_result`, which by default searches the empty string as the reference's rollout."""
 RETRIEVAL_ERROR_RESULT = "Search failed: the retrieval service did not answer. Continue without this result."
 """Result text when retrieval gave up after its retries; counted in the trajectory's `retrieval_errors`."""
 ResultStyle = Literal["research", "searchr1"]

@@ -30,7 +30,6 @@ import pyarrow as pa
 from actors.config import SamplingConfig
 from actors.engine import GenerationResult
 from actors.prompts import (
-    EMPTY_QUERY_RESULT,
     RESULT_TEMPLATE,
     RETRIEVAL_ERROR_RESULT,
     Question,
@@ -157,13 +156,17 @@ class SearchTool:
     topk: int = 5
     style: ResultStyle = "research"
     outage_wait_s: float = 0.0
+    empty_query_result: str | None = None
+    """The text an empty query gets without searching; None searches the empty string, as the reference's
+    training rollout does (ReCall re-search, src/verl/workers/rollout/vllm_rollout/vllm_rollout.py:392-416)."""
 
     async def __call__(self, query: str) -> tuple[str, bool]:
-        """(result text, whether retrieval failed) for one query; an empty query gets ReSearch's 'invalid query'."""
+        """(result text, whether retrieval failed) for one query; an empty one is searched unless
+        `empty_query_result` gives its text."""
         from retrieval_service.client import RetrievalError
 
-        if not query:
-            return EMPTY_QUERY_RESULT, False
+        if not query and self.empty_query_result is not None:
+            return self.empty_query_result, False
         deadline, pause = time.monotonic() + self.outage_wait_s, 0.5
         while True:
             try:

@@ -99,6 +99,23 @@ class WarmStartConfig(BaseModel):
                         "alone, before any rollout actor starts.")
 
 
+class EvalConfig(BaseModel):
+    """How `research eval` scores its greedy rollouts (the rest of the eval setting is the training config's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    truncated_answer: Literal["empty", "keep"] = Field(
+        "empty", description="A response cut by the token budget (end_reason 'length'): 'empty' = its prediction "
+        "is empty, so EM, F1, cover EM and the judge give it nothing, as the reference's eval does; 'keep' = the "
+        "answer it wrote before the cut is scored.",
+    )
+    empty_query_result: str | None = Field(
+        "nothing to search", description="Text inserted for a search call with an empty query during eval (the "
+        "reference's eval inserts 'nothing to search'); None = search the empty string, as training does by default "
+        "(retrieval.empty_query_result).",
+    )
+
+
 class LoggingConfig(BaseModel):
     """Where metrics go besides the JSONL file and TensorBoard."""
 
@@ -148,6 +165,7 @@ class JobConfig(BaseModel):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The training loop.")
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig,
                                         description="Format warm start before GRPO (our addition).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Scoring of `research eval`.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
     hardware: HardwareConfig = Field(default_factory=HardwareConfig, description="GPU and host memory (`research plan`).")
 
