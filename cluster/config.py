@@ -100,7 +100,7 @@ class WarmStartConfig(BaseModel):
 
 
 class EvalConfig(BaseModel):
-    """How `research eval` scores its greedy rollouts (the rest of the eval setting is the training config's)."""
+    """How research eval scores its greedy rollouts (the rest of the eval setting is the training config's)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -165,7 +165,7 @@ class JobConfig(BaseModel):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The training loop.")
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig,
                                         description="Format warm start before GRPO (our addition).")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Scoring of `research eval`.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Scoring of research eval.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
     hardware: HardwareConfig = Field(default_factory=HardwareConfig, description="GPU and host memory (`research plan`).")
 

@@ -148,7 +148,7 @@ class RetrievalConfig(BaseModel):
         None, description="Answer to a search call with an empty query: None = search the empty string like any "
         "query, as the reference's training rollout does (its batch_search sends it to the retriever); a text = "
         "insert that text without searching ('invalid query' is what the reference's unused search() answers; "
-        "`research eval` uses eval.empty_query_result).",
+        "research eval uses eval.empty_query_result).",
     )
 
     @model_validator(mode="after")
