@@ -23,6 +23,13 @@ class SamplingConfig(BaseModel):
         "as the reference (only the token budget ends a trajectory). A search in the last allowed turn is not run.",
     )
     seed: int | None = Field(None, description="Sampling seed; None draws fresh randomness.")
+    finish_on: Literal["eos-token", "any-eos"] = Field(
+        "eos-token", description="Which end of generation finishes a response. 'eos-token' (the reference): only "
+        "the tokenizer's eos_token (the chat template's end, <|im_end|> for Qwen2.5-Instruct); a generation that "
+        "stops on another of the model's EOS ids (generation_config's <|endoftext|>) ends unfinished (end_reason "
+        "'other_eos') and is scored 0, as the reference scores a response not ending with eos_token. 'any-eos': "
+        "every EOS id finishes the response.",
+    )
 
 
 class EngineConfig(BaseModel):
@@ -63,8 +70,10 @@ class RolloutConfig(BaseModel):
         "(a peer died or hangs; NCCL never gives up by itself) aborts its communicator and fails; the driver then "
         "replaces engines that died or hang, rebuilds the group and syncs again, or restores a learner that did.",
     )
-    prompt_template: Literal["base", "instruct"] = Field(
-        "instruct", description="ReSearch base-model template or instruct system prompt through the chat template."
+    prompt_template: Literal["base", "base-bos", "instruct"] = Field(
+        "instruct", description="ReSearch base-model template or instruct system prompt through the chat template; "
+        "'base-bos' = the base template with the tokenizer's BOS prepended (the reference tokenises every prompt "
+        "without special tokens; Qwen2.5 tokenizers add none anyway).",
     )
     group_size: int = Field(5, ge=1, description="GRPO samples per prompt (the paper: 5).")
     reward_fn: Literal["research", "research-strict", "toy-low-token-ids"] = Field(

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-PromptTemplate = Literal["base", "instruct"]
-"""Which template a run uses: plain-text for base models, a system prompt through the chat template for instruct."""
+PromptTemplate = Literal["base", "base-bos", "instruct"]
+"""Which template a run uses: plain-text for base models, a system prompt through the chat template for instruct;
+"base-bos" is the base text with the tokenizer's special tokens (its BOS) added, which the reference does not do."""
 
 # For base models: the whole prompt, with the question in place of {prompt}.
 BASE_TEMPLATE = """A conversation between User and Assistant. \
@@ -38,7 +39,7 @@ For example, <think> This is the reasoning process. </think> <search> search que
 <think> This is the reasoning process. </think> <answer> The final answer is \\[ \\boxed{answer here} \\] </answer>. \
 In the last part of the answer, the final exact answer is enclosed within \\boxed{} with latex format."""
 
-TEMPLATES: tuple[str, ...] = ("base", "instruct")
+TEMPLATES: tuple[str, ...] = ("base", "base-bos", "instruct")
 
 
 def _check_template(template: str) -> None:
@@ -49,7 +50,7 @@ def _check_template(template: str) -> None:
 def build_prompt(question: str, template: str, tokenizer: Any = None) -> str:
     """The prompt text for `question`: the base template filled in, or the chat template applied to system + user."""
     _check_template(template)
-    if template == "base":
+    if template in ("base", "base-bos"):
         return BASE_TEMPLATE.format(prompt=question)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("the 'instruct' prompt template needs a tokenizer with a chat_template")
@@ -73,15 +74,18 @@ class Question:
 def build_prompt_ids(question: str, template: str, tokenizer: Any) -> list[int]:
     """The prompt's token ids, ready to hand to the engine."""
     text = build_prompt(question, template, tokenizer)
-    # A chat template writes its own BOS (if the model has one); only the plain base prompt needs the tokenizer's.
-    return list(tokenizer.encode(text, add_special_tokens=(template == "base")))
+    # As the reference: the prompt text is tokenised without special tokens, base and chat alike (ReCall re-search,
+    # src/verl/utils/torch_functional.py:269), so a base prompt gets no BOS (a chat template writes its own).
+    # Qwen2.5 tokenizers add none either way; "base-bos" asks for the tokenizer's BOS on the base prompt.
+    return list(tokenizer.encode(text, add_special_tokens=(template == "base-bos")))
 
 
 # ---- what the environment inserts after a search call ----------------------------------------------------------------
 RESULT_TEMPLATE = " <result>\n{}\n</result>"
 """The block inserted after `</search>` (ReSearch's rollout writes exactly this framing)."""
 EMPTY_QUERY_RESULT = "invalid query"
-"""Result text for a search call without a query (ReSearch's search() answers the same)."""
+"""What the reference's search() answers an empty query (its rollout calls batch_search, which searches it): a
+value for `retrieval.empty_query_result`, which by default searches the empty string as the reference's rollout."""
 RETRIEVAL_ERROR_RESULT = "Search failed: the retrieval service did not answer. Continue without this result."
 """Result text when retrieval gave up after its retries; counted in the trajectory's `retrieval_errors`."""
 ResultStyle = Literal["research", "searchr1"]

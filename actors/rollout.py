@@ -7,9 +7,11 @@ No barrier across trajectories: while one waits for retrieval the engine keeps d
 behaviour logprobs are kept exactly as vLLM returned them (generated text is never re-tokenised); only the inserted
 result block is tokenised. loss_mask is 1 on generated tokens and 0 on inserted ones.
 
-A trajectory ends at EOS (finished), at the response token budget (truncated: an inserted block that does not fit is
-cut to the budget) or, when `sampling.max_turns` is set, at the turn limit: a search issued in the last allowed turn
-is not executed and not counted (end_reason "max_turns", logged as such). The reference code has no turn limit.
+A trajectory ends at EOS (finished; under `sampling.finish_on: eos-token`, the reference's rule, only the tokenizer's
+eos_token finishes it, and another EOS id of the model ends it unfinished: end_reason "other_eos", reward 0), at the
+response token budget (truncated: an inserted block that does not fit is cut to the budget) or, when
+`sampling.max_turns` is set, at the turn limit: a search issued in the last allowed turn is not executed and not
+counted (end_reason "max_turns", logged as such). The reference code has no turn limit.
 A generation that vLLM ended for any other reason (abort, error) raises UnfinishedGeneration: the driver requeues the
 prompt rather than training on a cut-off response.
 """
@@ -28,7 +30,6 @@ import pyarrow as pa
 from actors.config import SamplingConfig
 from actors.engine import GenerationResult
 from actors.prompts import (
-    EMPTY_QUERY_RESULT,
     RESULT_TEMPLATE,
     RETRIEVAL_ERROR_RESULT,
     Question,
@@ -96,7 +97,7 @@ async def run_trajectory(
         if result.finish_reason != "stop":
             raise UnfinishedGeneration(f"vLLM finished a generation of {t.prompt_id} with {result.finish_reason!r}")
         if result.stop_reason != SEARCH_CLOSE:
-            return state.end("eos")
+            return state.end(eos_end_reason(result, sampling))
         if sampling.max_turns is not None and turn >= sampling.max_turns:
             return state.end("max_turns")  # the search of the last allowed turn is neither run nor counted
         t.num_searches += 1
@@ -108,6 +109,19 @@ async def run_trajectory(
         t.retrieval_errors += int(failed)
         if not state.insert_result(block, engine.tokenizer):
             return state.trajectory
+
+
+def eos_end_reason(result: GenerationResult, sampling: SamplingConfig) -> str:
+    """"eos", or "other_eos" when vLLM stopped on an EOS id other than the tokenizer's and only that one finishes.
+
+    vLLM reports the tokenizer's eos_token as stop_reason None and every other EOS id of the model's
+    generation_config (Qwen2.5-Instruct: <|endoftext|> besides <|im_end|>) as that token id; we pass no stop
+    token ids of our own, so an int here is always such an EOS. The reference scores those responses 0
+    (verl/utils/reward_score/re_search.py:161, the response must end with tokenizer.eos_token).
+    """
+    if isinstance(result.stop_reason, int) and sampling.finish_on == "eos-token":
+        return "other_eos"
+    return "eos"
 
 
 class Engine(Protocol):
@@ -142,13 +156,17 @@ class SearchTool:
     topk: int = 5
     style: ResultStyle = "research"
     outage_wait_s: float = 0.0
+    empty_query_result: str | None = None
+    """The text an empty query gets without searching; None searches the empty string, as the reference's
+    training rollout does (ReCall re-search, src/verl/workers/rollout/vllm_rollout/vllm_rollout.py:392-416)."""
 
     async def __call__(self, query: str) -> tuple[str, bool]:
-        """(result text, whether retrieval failed) for one query; an empty query gets ReSearch's 'invalid query'."""
+        """(result text, whether retrieval failed) for one query; an empty one is searched unless
+        `empty_query_result` gives its text."""
         from retrieval_service.client import RetrievalError
 
-        if not query:
-            return EMPTY_QUERY_RESULT, False
+        if not query and self.empty_query_result is not None:
+            return self.empty_query_result, False
         deadline, pause = time.monotonic() + self.outage_wait_s, 0.5
         while True:
             try:

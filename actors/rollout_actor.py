@@ -50,7 +50,8 @@ class RolloutActor:
         retrieval = retrieval or RetrievalConfig()
         self.engine = RolloutEngine(model, self.config.engine, seed=seed)
         self.client = RetrievalClient.from_config(retrieval)
-        self.search = SearchTool(self.client, retrieval.topk, retrieval.result_format, retrieval.outage_wait_s)
+        self.search = SearchTool(self.client, retrieval.topk, retrieval.result_format, retrieval.outage_wait_s,
+                                 retrieval.empty_query_result)
         self.keep_failed_searches = retrieval.failed_search == "keep"
         self.reward = reward_fn(self.config.reward_fn)  # the one place the reward is chosen
         self._policy_version = policy_version

@@ -15,8 +15,9 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 """Bumped whenever a column changes meaning, type or disappears; stored in the schema metadata."""
 
-END_REASONS = ("eos", "length", "max_turns")
-"""Why a trajectory ended: the policy's EOS, the response token budget, or the turn limit."""
+END_REASONS = ("eos", "other_eos", "length", "max_turns")
+"""Why a trajectory ended: the tokenizer's EOS, another EOS id of the model (unfinished under the reference's rule,
+`sampling.finish_on`), the response token budget, or the turn limit."""
 
 SCHEMA = pa.schema(
     [

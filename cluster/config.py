@@ -57,6 +57,10 @@ class TrainerConfig(BaseModel):
 
     epochs: int = Field(2, ge=1, description="Passes over the training questions (the paper: 2).")
     batch_size: int = Field(256, ge=1, description="Prompts per policy update (each sampled group_size times).")
+    drop_last: bool = Field(
+        True, description="Drop each epoch's last partial batch (those prompts, different ones each epoch, are not "
+        "trained on in that epoch), as the reference's DataLoader does; false = train it (partial batch).",
+    )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many policy updates (None = run all epochs).")
     max_staleness: int = Field(0, ge=0, description="Policy versions generation may run ahead of learning (0 = on-policy).")
     val_every: int = Field(10, ge=0, description="Greedy validation every K steps (0 = only before and after).")
@@ -93,6 +97,23 @@ class WarmStartConfig(BaseModel):
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate of the supervised steps.")
     cpus: float = Field(2.0, gt=0.0, description="CPUs (and so torch threads) of the warm-start learner; it runs "
                         "alone, before any rollout actor starts.")
+
+
+class EvalConfig(BaseModel):
+    """How research eval scores its greedy rollouts (the rest of the eval setting is the training config's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    truncated_answer: Literal["empty", "keep"] = Field(
+        "empty", description="A response cut by the token budget (end_reason 'length'): 'empty' = its prediction "
+        "is empty, so EM, F1, cover EM and the judge give it nothing, as the reference's eval does; 'keep' = the "
+        "answer it wrote before the cut is scored.",
+    )
+    empty_query_result: str | None = Field(
+        "nothing to search", description="Text inserted for a search call with an empty query during eval (the "
+        "reference's eval inserts 'nothing to search'); None = search the empty string, as training does by default "
+        "(retrieval.empty_query_result).",
+    )
 
 
 class LoggingConfig(BaseModel):
@@ -144,6 +165,7 @@ class JobConfig(BaseModel):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The training loop.")
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig,
                                         description="Format warm start before GRPO (our addition).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Scoring of research eval.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
     hardware: HardwareConfig = Field(default_factory=HardwareConfig, description="GPU and host memory (`research plan`).")
 

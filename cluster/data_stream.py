@@ -4,6 +4,11 @@ A prompt is *issued* when the dispatcher hands it to a rollout actor and *consum
 its group. Prompts handed back (a removed or dead actor) are re-issued before new ones, so every prompt of an epoch is
 trained on exactly once. The checkpointed state is the set of consumed prompts of the current epoch plus the epoch
 number; on resume, issued-but-unconsumed prompts are simply issued again.
+
+With `drop_last` (trainer.drop_last, the reference's DataLoader: ReCall branch re-search,
+src/verl/trainer/ppo/ray_trainer.py:482-486) an epoch is the first num_prompts - num_prompts % batch_size prompts of
+its shuffled order, so every batch is full and the few left over (different ones each epoch) are not trained on in
+that epoch. The cut is a function of (seed, epoch, sizes), so a resumed stream cuts the same prompts.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster.config import JobConfig
 
 
 @dataclass(frozen=True)
@@ -22,15 +30,28 @@ class PromptItem:
     epoch: int
 
 
+def epoch_size(num_prompts: int, batch_size: int, drop_last: bool) -> int:
+    """Prompts an epoch trains on: all, or with drop_last only those that fill whole batches (the reference)."""
+    return num_prompts - num_prompts % batch_size if drop_last else num_prompts
+
+
 class PromptStream:
     """Seeded epoch-by-epoch order over `num_prompts` questions with requeue and a resumable position."""
 
-    def __init__(self, num_prompts: int, epochs: int, seed: int) -> None:
+    def __init__(self, num_prompts: int, epochs: int, seed: int, *, batch_size: int = 1,
+                 drop_last: bool = False) -> None:
         if num_prompts <= 0:
             raise ValueError("the training set is empty")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         self.num_prompts = num_prompts
         self.epochs = epochs
         self.seed = seed
+        self.epoch_size = epoch_size(num_prompts, batch_size, drop_last)
+        """Prompts trained on per epoch: all of them, or only those that fill whole batches with drop_last."""
+        if self.epoch_size == 0:
+            raise ValueError(f"{num_prompts} training prompts fill no batch of {batch_size} and trainer.drop_last "
+                             "drops the partial one: lower trainer.batch_size or set trainer.drop_last=false")
         self.epoch = 0
         self._order: list[int] = self._epoch_order(0)
         self._cursor = 0
@@ -38,14 +59,21 @@ class PromptStream:
         self._issued: set[int] = set()
         self._consumed: set[int] = set()
 
+    @classmethod
+    def for_job(cls, num_prompts: int, config: JobConfig) -> PromptStream:
+        """The stream of a training job: its epochs, seed, batch size and trainer.drop_last."""
+        trainer = config.trainer
+        return cls(num_prompts, trainer.epochs, config.seed, batch_size=trainer.batch_size,
+                   drop_last=trainer.drop_last)
+
     def _epoch_order(self, epoch: int) -> list[int]:
-        """The permutation of epoch `epoch`; a function of (seed, epoch) only, so resume reproduces it."""
+        """The prompts of epoch `epoch` in order: a function of (seed, epoch, epoch_size) only, so resume reproduces it."""
         order = list(range(self.num_prompts))
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        return order
+        return order[: self.epoch_size]
 
     def _advance_epoch_if_done(self) -> None:
-        if len(self._consumed) == self.num_prompts and self.epoch + 1 < self.epochs:
+        if len(self._consumed) == self.epoch_size and self.epoch + 1 < self.epochs:
             self.epoch += 1
             self._order = self._epoch_order(self.epoch)
             self._cursor = 0
@@ -84,7 +112,7 @@ class PromptStream:
     @property
     def finished(self) -> bool:
         """True when the last epoch has been consumed entirely."""
-        return self.epoch == self.epochs - 1 and len(self._consumed) == self.num_prompts
+        return self.epoch == self.epochs - 1 and len(self._consumed) == self.epoch_size
 
     @property
     def consumed_in_epoch(self) -> int:
@@ -94,14 +122,21 @@ class PromptStream:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint stores: epoch and consumed prompts (issued-but-unconsumed ones are re-issued on resume)."""
         return {"epoch": self.epoch, "consumed": sorted(self._consumed), "seed": self.seed,
-                "num_prompts": self.num_prompts, "epochs": self.epochs}
+                "num_prompts": self.num_prompts, "epochs": self.epochs, "epoch_size": self.epoch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position written by state_dict; refuses a different dataset size or seed."""
+        """Restore the position written by state_dict; refuses a different dataset size, seed or epoch size."""
         if state["num_prompts"] != self.num_prompts or state["seed"] != self.seed:
             raise ValueError(
                 f"checkpoint data position is for {state['num_prompts']} prompts / seed {state['seed']}, "
                 f"this run has {self.num_prompts} / {self.seed}"
+            )
+        # Positions saved before drop_last existed trained every prompt of an epoch.
+        saved_size = int(state.get("epoch_size", state["num_prompts"]))
+        if saved_size != self.epoch_size:
+            raise ValueError(
+                f"checkpoint data position trains {saved_size} prompts per epoch, this run {self.epoch_size} "
+                "(trainer.batch_size or trainer.drop_last changed): resume with the settings of the checkpoint"
             )
         self.epoch = int(state["epoch"])
         self._order = self._epoch_order(self.epoch)

@@ -45,6 +45,7 @@ from qa.judge import JudgeSettings, LLMJudge
 from qa.readers import read_records
 from qa.records import QARecord
 from qa.scoring import cover_exact_match
+from retrieval_service.config import RetrievalConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,23 @@ def greedy_rollout_config(config: JobConfig) -> RolloutConfig:
     return rollout
 
 
+def eval_retrieval(config: JobConfig, urls: Sequence[str]) -> RetrievalConfig:
+    """The retrieval config of the eval's actors: the job's, at `urls`, with the eval's empty-query text."""
+    return config.retrieval.model_copy(update={"urls": list(urls),
+                                               "empty_query_result": config.eval.empty_query_result})
+
+
+def scored_prediction(row: dict[str, Any], truncated_answer: str = "empty") -> tuple[str | None, float, float]:
+    """(answer, EM, F1) of a rolled-out row: with truncated_answer 'empty', a response cut by the token budget
+    predicts "" and scores 0, as the reference's eval (ReCall, branch re-search,
+    src/flashrag/pipeline/active_pipeline.py:81-95: over_length_flag sets pred to ""); 'keep' scores its answer."""
+    if truncated_answer not in ("empty", "keep"):
+        raise ValueError(f"unknown truncated_answer {truncated_answer!r}; expected 'empty' or 'keep'")
+    if truncated_answer == "empty" and row["end_reason"] == "length":
+        return "", 0.0, 0.0
+    return row["answer"], float(row["em"]), float(row["f1"])
+
+
 def eval_meta(config: JobConfig, model: str) -> dict[str, Any]:
     """What determines the records: a resumed eval must match it."""
     sampling = config.rollout.sampling
@@ -108,6 +126,7 @@ def eval_meta(config: JobConfig, model: str) -> dict[str, Any]:
         "topk": config.retrieval.topk,
         "result_format": config.retrieval.result_format,
         "retrieval_index": config.retrieval.index_dir or "synthetic-world",
+        "eval": config.eval.model_dump(),
     }
 
 
@@ -132,7 +151,7 @@ class EvalSession:
                 service = self._stack.enter_context(ServiceProcess(ensure_index(config), log_path=log_path))
                 urls = [service.url]
             self.actor = RolloutActor(resolve_policy(model), greedy_rollout_config(config),
-                                      config.retrieval.model_copy(update={"urls": urls}), seed=config.seed)
+                                      eval_retrieval(config, urls), seed=config.seed)
         except BaseException:
             self._stack.close()
             raise
@@ -152,17 +171,18 @@ class EvalSession:
         batch = await self._generate(Question(key, prompt_ids, list(record.golden_answers), record.question))
         self.rollouts += 1
         row = batch.slice(0, 1).to_pylist()[0]
+        answer, em, f1 = scored_prediction(row, self.config.eval.truncated_answer)
         return {
             "key": key,
             "id": record.id,
             "question": record.question,
             "golden_answers": list(record.golden_answers),
             "response": row["response_text"],
-            "answer": row["answer"],
+            "answer": answer,
             "format_valid": bool(row["format_valid"]),
-            "em": float(row["em"]),
-            "f1": float(row["f1"]),
-            "cover_em": cover_exact_match(row["answer"], record.golden_answers),
+            "em": em,
+            "f1": f1,
+            "cover_em": cover_exact_match(answer, record.golden_answers),
             "reward": float(row["reward"]),
             "num_searches": int(row["num_searches"]),
             "num_turns": int(row["num_turns"]),
@@ -221,7 +241,7 @@ class RayEvalSession(EvalSession):
         policy = resolve_policy(model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.policy.tokenizer or policy)
         make_actor = remote_rollout_actor(
-            policy, greedy_rollout_config(config), config.retrieval.model_copy(update={"urls": urls}), config.seed,
+            policy, greedy_rollout_config(config), eval_retrieval(config, urls), config.seed,
             env_vars=env_vars,
         )
         self.handles: list[Any] = [make_actor()[0] for _ in range(actors)]

@@ -8,8 +8,10 @@ from typing import Any, TextIO
 
 
 def total_steps(trainer: Any, num_questions: int) -> int:
-    """Steps a job will run: trainer.max_steps, else every epoch's questions in batches (the last one partial)."""
-    return trainer.max_steps or -(-num_questions * trainer.epochs // trainer.batch_size)
+    """Steps a job will run: trainer.max_steps, else each epoch's questions in batches (the last one partial, or
+    dropped with trainer.drop_last)."""
+    batches = num_questions // trainer.batch_size if trainer.drop_last else -(-num_questions // trainer.batch_size)
+    return trainer.max_steps or trainer.epochs * batches
 
 
 class ProgressLine:

@@ -100,7 +100,7 @@ class Trainer:
                                               rollout.max_prompt_tokens, config.data.max_train_questions)
         self.val_questions = load_questions(val_files, tokenizer, rollout.prompt_template, rollout.max_prompt_tokens,
                                             config.data.val_size or None, sample_seed=config.seed)
-        self.stream = PromptStream(len(self.train_questions), config.trainer.epochs, config.seed)
+        self.stream = PromptStream.for_job(len(self.train_questions), config)
 
         retrieval = config.retrieval
         self.replicas: list[Any] = []
@@ -312,7 +312,7 @@ class Trainer:
             self._resume(tag)
         else:
             self.step = 0
-            self.stream = PromptStream(len(self.train_questions), self.config.trainer.epochs, self.config.seed)
+            self.stream = PromptStream.for_job(len(self.train_questions), self.config)
         self._roll_back_audit()
         await asyncio.to_thread(self.pool.sync_weights)
 

@@ -241,7 +241,7 @@ def supervised_learner_config(config: JobConfig) -> LearnerConfig:
     warm = config.warm_start
     grpo = config.learner.grpo.model_copy(update={
         "kl_coef": 0.0, "entropy_coef": 0.0, "old_logprobs": "recompute", "decoupled": False, "temperature": 1.0,
-        "agg": "token-mean",
+        "agg": "token-mean", "micro_batch_weight": "tokens",  # the NLL of the whole batch, whatever the micro-batches
     })
     return config.learner.model_copy(update={
         "world_size": 1, "cpus_per_rank": warm.cpus, "lr": warm.lr, "lr_schedule": "constant", "mini_batches": 1,

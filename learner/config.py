@@ -25,6 +25,13 @@ class GRPOConfig(BaseModel):
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="Loss aggregation over tokens and sequences."
     )
+    micro_batch_weight: Literal["sequences", "tokens"] = Field(
+        "sequences", description="How token-mean combines micro-batches (learner.grpo.micro_batch_share): "
+        "'sequences' = the reference's (verl's dp_actor): each micro-batch's own token mean, weighted by its share of "
+        "the mini-batch's trajectories, so the update depends on micro_batch_size and world_size; 'tokens' = the "
+        "exact token mean of the whole mini-batch, the same for any micro-batch size and world size. The "
+        "sequence-level aggregations are exact under both.",
+    )
     advantage: Literal["grpo", "dr-grpo", "rloo"] = Field(
         "grpo", description="Advantage estimator (learner/grpo.py): grpo = (r - mean) / (std + eps), dr-grpo = "
         "r - mean, rloo = r - mean of the other samples.",

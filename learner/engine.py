@@ -4,10 +4,10 @@
                   per mini-batch: _update (forward, policy_loss, backward per micro-batch) and one optimizer step
 
 Every rank gets the same global batch (token ids, loss mask, behaviour logprobs, advantages) and works on its own
-contiguous rows of each mini-batch. Each micro-batch's loss is weighted by its share of the mini-batch's global
-normaliser (tokens for token-mean, trajectories otherwise), so any world size and micro-batch size gives the update
-of the whole batch. The learner knows nothing of search, tags or groups: advantages come computed
-(learner.grpo).
+contiguous rows of each mini-batch. Each micro-batch's loss is weighted by its share of the mini-batch
+(learner.grpo.micro_batch_share): of its trajectories, as the reference, or of its tokens for token-mean with
+`micro_batch_weight: tokens`, which makes any world size and micro-batch size give the update of the whole batch.
+The learner knows nothing of search, tags or groups: advantages come computed (learner.grpo).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from learner.distributed import (
     load_model,
     resolve_dtype,
 )
-from learner.grpo import policy_loss
+from learner.grpo import micro_batch_share, policy_loss
 from learner.logprobs import batch_logprobs, token_logprobs
 
 # Token-weighted metrics summed over micro-batches and ranks, then divided by the token count.
@@ -107,10 +107,7 @@ class LearnerEngine:
     def _update(self, batch: TrainBatch, old_logprobs: torch.Tensor, start: int, stop: int) -> dict[str, float]:
         """Forward/backward this rank's rows of mini-batch [start, stop) in micro-batches; its metrics."""
         config, grpo = self.config, self.config.grpo
-        token_level = grpo.agg == "token-mean"
-        # The normaliser of the whole mini-batch across all ranks, known locally since every rank has the batch.
-        global_tokens = float(batch.loss_mask[start:stop].sum())
-        normaliser = max(global_tokens if token_level else float(batch.real[start:stop].sum()), 1.0)
+        global_tokens = float(batch.loss_mask[start:stop].sum())  # every rank has the whole batch
         rank_start, rank_stop = self._rank_rows(start, stop)
         local = torch.zeros(2 + len(_TOKEN_METRICS), dtype=torch.float64)  # loss, kl_loss, token metrics
         micro_starts = list(range(rank_start, rank_stop, config.micro_batch_size))
@@ -130,8 +127,8 @@ class LearnerEngine:
                 behaviour_logprobs=micro.behaviour_logprobs if grpo.decoupled else None,
             )
             tokens = float(micro.loss_mask.sum())
-            # Sequence-level aggregations average over the micro-batch's rows, padding rows included (they add 0).
-            share = (tokens if token_level else float(micro.size)) / normaliser
+            share = micro_batch_share(grpo.agg, grpo.micro_batch_weight, micro.loss_mask, micro.real,
+                                      batch.loss_mask[start:stop], batch.real[start:stop])
             self.engine.set_gradient_accumulation_boundary(index == len(micro_starts) - 1)
             # DeepSpeed averages gradients over ranks; scaling by the world size turns that into the global sum.
             self.engine.backward(loss * (share * self.world_size), scale_wrt_gas=False)

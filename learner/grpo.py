@@ -32,6 +32,7 @@ import pyarrow as pa
 import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+MICRO_BATCH_WEIGHTS = ("sequences", "tokens")
 KL_ESTIMATORS = ("k1", "k3")
 K3_CLAMP = 10.0
 """verl (and so the ReSearch reference) clamps the k3 estimate to [-K3_CLAMP, K3_CLAMP] per token."""
@@ -132,6 +133,33 @@ def aggregate(
         # A constant normaliser keeps long and short answers from being weighted by their length (Dr. GRPO).
         return masked_loss.sum(dim=-1).mean() / horizon
     raise ValueError(f"unknown aggregation {agg!r}; expected one of {AGGREGATIONS}")
+
+
+def micro_batch_share(
+    agg: str, weight: str, micro_mask: torch.Tensor, micro_real: torch.Tensor, mini_mask: torch.Tensor,
+    mini_real: torch.Tensor,
+) -> float:
+    """The factor a micro-batch's loss (aggregated over the micro-batch alone) is scaled by before its backward, so
+    that the micro-batches' sum is the mini-batch's loss; `*_mask` are loss masks, `*_real` the real-row flags.
+
+    token-mean with weight "sequences" (the reference): the micro-batch's token mean weighted by its share of the
+    mini-batch's trajectories, as verl's dp_actor with use_dynamic_bsz does (ReCall, branch re-search,
+    src/verl/workers/actor/dp_actor.py:257-276: masked means per micro-batch, loss * len(data) / ppo_mini_batch_size,
+    then FSDP averages over ranks), so a token weighs more in a micro-batch of short responses and the update
+    depends on how rows fall into micro-batches. token-mean with "tokens": its share of the mini-batch's tokens, which
+    sums to the exact token mean of the whole mini-batch whatever the micro-batch size and world size. The
+    sequence-level aggregations already average over rows (padding rows add 0 but count, as TRL), so their share is
+    the micro-batch's rows over the mini-batch's trajectories under either weight. Padding rows (real 0) are not
+    trajectories: the reference has none, so they weigh nothing.
+    """
+    if weight not in MICRO_BATCH_WEIGHTS:
+        raise ValueError(f"unknown micro-batch weight {weight!r}; expected one of {MICRO_BATCH_WEIGHTS}")
+    trajectories = max(float(mini_real.sum()), 1.0)
+    if agg != "token-mean":
+        return float(micro_real.numel()) / trajectories
+    if weight == "sequences":
+        return float(micro_real.sum()) / trajectories
+    return float(micro_mask.sum()) / max(float(mini_mask.sum()), 1.0)
 
 
 def policy_loss(

@@ -144,6 +144,12 @@ class RetrievalConfig(BaseModel):
     result_format: Literal["research", "searchr1"] = Field(
         "research", description="Text inside <result>: ReSearch's passages or Search-R1's 'Doc i(Title: t) text'."
     )
+    empty_query_result: str | None = Field(
+        None, description="Answer to a search call with an empty query: None = search the empty string like any "
+        "query, as the reference's training rollout does (its batch_search sends it to the retriever); a text = "
+        "insert that text without searching ('invalid query' is what the reference's unused search() answers; "
+        "research eval uses eval.empty_query_result).",
+    )
 
     @model_validator(mode="after")
     def _gpu_work_needs_gpus(self) -> RetrievalConfig:

@@ -120,7 +120,7 @@ def test_zero3_checkpoint_kill_resume_through_partial_epoch_end(cluster: LocalCl
     run_dir.mkdir()
     common = (*PLACEMENT, f"policy.name_or_path={searching_policy}", "learner.zero_stage=3", "rollout.num_actors=2",
               "rollout.group_size=3", "learner.mini_batches=2", "data.max_train_questions=9", "trainer.batch_size=4",
-              "trainer.max_steps=null", "trainer.epochs=1", "trainer.save_every=1", "trainer.keep_checkpoints=1",
+              "trainer.drop_last=false", "trainer.max_steps=null", "trainer.epochs=1", "trainer.save_every=1", "trainer.keep_checkpoints=1",
               "trainer.val_every=0", "data.val_size=0", "trainer.wait_log_every_s=5")
     process = driver(cluster, run_dir, *common)
     try:
@@ -162,8 +162,9 @@ def test_zero2_scale_and_actor_death_lose_nothing(cluster: LocalCluster, searchi
     run_dir = tmp_path / "zero2"
     run_dir.mkdir()
     process = driver(cluster, run_dir, *PLACEMENT, f"policy.name_or_path={searching_policy}", "learner.zero_stage=2",
-                     "data.max_train_questions=11", "trainer.batch_size=4", "trainer.max_steps=null",
-                     "trainer.epochs=2", "trainer.val_every=0", "trainer.save_every=0", "data.val_size=0")
+                     "data.max_train_questions=11", "trainer.batch_size=4", "trainer.drop_last=false",
+                     "trainer.max_steps=null", "trainer.epochs=2", "trainer.val_every=0", "trainer.save_every=0",
+                     "data.val_size=0")
     try:
         wait_for(lambda: len(trained(run_dir)) >= 1, timeout=500)
         subprocess.run([sys.executable, "-m", "cluster.cli", "scale", str(run_dir), "2"], check=True)

@@ -211,3 +211,38 @@ def test_eval_fans_out_over_ray_actors_and_survives_a_dead_one(
         assert len(read_records_file(path)) == 12 and fanned.handles == []
     finally:
         run(fanned.aclose())
+
+
+def test_truncated_answer_scores_nothing_and_an_empty_query_inserts_nothing_to_search(
+    eval_config: JobConfig, tiny_dir: Path, run: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A policy that searches with an empty query, answers Paris, then writes on to the token budget: the reference's
+    eval inserts 'nothing to search' (ReCall, branch re-search, src/flashrag/pipeline/active_pipeline.py:66-74) and
+    predicts "" for the over-length response (active_pipeline.py:81-95), so EM is 0 although the answer is right."""
+    from transformers import AutoTokenizer
+
+    from qa.records import QARecord
+    from tests.scripted_policy import TokenChain, scripted_policy, text_path
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    start = tokenizer.encode("\n", add_special_tokens=False)[-1]
+    think, result_close = tokenizer.convert_tokens_to_ids("<think>"), tokenizer.convert_tokens_to_ids("</result>")
+    answer = text_path(tokenizer, "<answer>", " The final answer is \\boxed{Paris}", "</answer>")
+    chain = (TokenChain().path([start, *text_path(tokenizer, " born", "</search>")])
+             .path([result_close, *answer, think, think]))  # then <think> for ever: no EOS before the budget
+    policy = tmp_path / "policy"
+    scripted_policy(tiny_dir, chain).save_pretrained(policy, safe_serialization=True)
+    tokenizer.save_pretrained(policy)
+
+    session = EvalSession(eval_config, str(policy))
+    try:
+        record = run(session.rollout("k", QARecord("k", "Where?", ["Paris"])))
+        assert "<result>\nnothing to search\n</result>" in record["response"]
+        assert "\\boxed{Paris}</answer>" in record["response"] and record["end_reason"] == "length"
+        assert (record["answer"], record["em"], record["f1"], record["cover_em"]) == ("", 0.0, 0.0, 0.0)
+        session.config = eval_config.model_copy(update={"eval": eval_config.eval.model_copy(
+            update={"truncated_answer": "keep"})})  # the rule is applied per record from the session's config
+        record = run(session.rollout("k", QARecord("k", "Where?", ["Paris"])))
+        assert (record["answer"], record["em"], record["f1"], record["cover_em"]) == ("Paris", 1.0, 1.0, 1.0)
+    finally:
+        run(session.aclose())

@@ -37,7 +37,8 @@ def trajectory_groups(seed: int = 0) -> pa.Table:
 def learner_config(stage: int, world_size: int) -> LearnerConfig:
     # Micro-batches of 2: 1 rank accumulates 4 of them, each of 2 ranks accumulates 2. Sampling temperature 0.7:
     # logits are scaled and each rank recomputes the old logprobs of its own rows (a collective under ZeRO-3).
-    grpo = GRPOConfig(kl_coef=0.001, temperature=0.7)
+    # The exact token mean: under the reference's weighting the update depends on how rows fall into micro-batches.
+    grpo = GRPOConfig(kl_coef=0.001, temperature=0.7, micro_batch_weight="tokens")
     return LearnerConfig(world_size=world_size, zero_stage=stage, lr=LR, micro_batch_size=2, grpo=grpo)
 
 

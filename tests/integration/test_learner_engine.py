@@ -109,10 +109,12 @@ def test_masked_out_tokens_do_not_change_the_update(policy_path: str) -> None:
         assert torch.equal(tensor, updates[1][name]), name
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_padding_rows_leave_loss_and_update_unchanged(policy_path: str, agg: str) -> None:
+@pytest.mark.parametrize(("agg", "weight"), [("token-mean", "sequences"), ("token-mean", "tokens"),
+                                             ("seq-mean-token-mean", "sequences")])
+def test_padding_rows_leave_loss_and_update_unchanged(policy_path: str, agg: str, weight: str) -> None:
     """An epoch's last batch need not split over ranks and mini-batches: the rows that pad it change nothing."""
-    config = LearnerConfig(zero_stage=2, lr=1e-3, micro_batch_size=2, grpo=GRPOConfig(kl_coef=0.0, agg=agg))
+    grpo = GRPOConfig(kl_coef=0.0, agg=agg, micro_batch_weight=weight)
+    config = LearnerConfig(zero_stage=2, lr=1e-3, micro_batch_size=2, grpo=grpo)
     batch = training_batch(trajectory_groups(n_groups=1, group_size=5, seed=4), 0)
     padded = batch.padded(4)
     assert (padded.size, int(padded.real.sum()), float(padded.loss_mask[5:].sum())) == (8, 5, 0.0)
@@ -126,6 +128,30 @@ def test_padding_rows_leave_loss_and_update_unchanged(policy_path: str, agg: str
     assert with_pad["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-6)
     for name, tensor in plain_weights.items():
         torch.testing.assert_close(pad_weights[name], tensor, atol=1e-7, rtol=0)
+
+
+def test_micro_batches_weigh_by_their_trajectories_as_the_reference(policy_path: str) -> None:
+    """The default (the reference's verl dp_actor, ReCall branch re-search, src/verl/workers/actor/dp_actor.py:257-276)
+    averages tokens within each micro-batch and weights micro-batches by their trajectories; `micro_batch_weight:
+    tokens` is the exact token mean of the batch. Checked against policy_loss applied by hand to the same rows."""
+    groups = trajectory_groups(n_groups=2, group_size=3, seed=6)  # 6 rows: micro-batches of 4 and 2
+    batch = training_batch(groups, 0)
+    losses = {}
+    for weight in ("sequences", "tokens"):
+        grpo = GRPOConfig(kl_coef=0.0, entropy_coef=0.0, micro_batch_weight=weight)
+        engine = LearnerEngine(LearnerConfig(zero_stage=2, lr=1e-3, micro_batch_size=4, grpo=grpo), policy_path)
+        current = engine.compute_logprobs(batch)  # the policy before the update: what the step's forward sees
+        losses[weight] = engine.train_step(batch)["loss"]
+
+    def micro_loss(start: int, stop: int) -> float:
+        loss, _ = policy_loss(current[start:stop], batch.behaviour_logprobs[start:stop], batch.advantages[start:stop],
+                              batch.loss_mask[start:stop])
+        return float(loss)
+
+    by_trajectories = 4 / 6 * micro_loss(0, 4) + 2 / 6 * micro_loss(4, 6)
+    assert losses["sequences"] == pytest.approx(by_trajectories, rel=1e-5)
+    assert losses["tokens"] == pytest.approx(micro_loss(0, 6), rel=1e-5)
+    assert abs(by_trajectories - micro_loss(0, 6)) > 1e-3 * abs(micro_loss(0, 6))  # the two rules do differ here
 
 
 def test_loss_goes_down_on_a_fixed_batch(learner: LearnerEngine, policy_path: str, tmp_path) -> None:

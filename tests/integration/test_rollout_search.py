@@ -175,7 +175,7 @@ def test_malformed_outputs_are_scored_never_raised(
 ) -> None:
     tokenizer = actor.engine.tokenizer
     eos, result_close = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</result>")
-    # A </search> without <search> (empty query: no retrieval, ReSearch's "invalid query"), then an unclosed answer.
+    # A </search> without <search> (an empty query), then an unclosed answer.
     chain = (
         TokenChain()
         .path([start_token(tokenizer), *text_path(tokenizer, " born", "</search>")])
@@ -183,9 +183,18 @@ def test_malformed_outputs_are_scored_never_raised(
     )
     load_policy(scripted_policy(tiny_dir, chain), 105)
     group = question(tokenizer, "bad")
+    # The reference's training rollout sends the empty query to the retriever like any other (ReCall, branch
+    # re-search, src/verl/workers/rollout/vllm_rollout/vllm_rollout.py:392-416: extract_search_content gives "" and
+    # batch_search posts it; only its unused search() answers 'invalid query'): the block holds those passages.
+    (passages,) = run(actor.client.search([""], TOPK))
     (t,) = from_record_batch(run(rollout_group(actor.engine, search(actor.client), group, 1, GREEDY, REWARD)))
-    assert EMPTY_QUERY_RESULT in t.response_text and t.num_searches == 1 and t.retrieval_errors == 0
+    assert passages and RESULT_TEMPLATE.format(format_passages(passages)) in t.response_text
+    assert t.num_searches == 1 and t.retrieval_errors == 0
     assert (t.finished, t.format_valid, t.reward) == (True, False, 0.0)
+    # retrieval.empty_query_result gives the text instead (the reference's eval inserts 'nothing to search').
+    fixed = SearchTool(actor.client, topk=TOPK, empty_query_result=EMPTY_QUERY_RESULT)
+    (t,) = from_record_batch(run(rollout_group(actor.engine, fixed, group, 1, GREEDY, REWARD)))
+    assert RESULT_TEMPLATE.format(EMPTY_QUERY_RESULT) in t.response_text and t.num_searches == 1
 
     # The random tiny policy writes byte soup; some of it may even contain tags. It must come back scored.
     from transformers import AutoModelForCausalLM

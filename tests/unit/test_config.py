@@ -158,3 +158,25 @@ def test_paper_presets_follow_the_reference_regularisers() -> None:
         assert config.learner.grpo.entropy_coef == 0.001 and config.learner.weight_decay == 0.01
         assert config.rollout.sampling.max_turns is None  # the reference has no turn limit
         assert config.learner.grpo.old_logprobs == "recompute"  # bf16 vLLM and learner logprobs differ on GPUs
+
+
+def test_paper_presets_follow_the_reference_in_the_last_details() -> None:
+    """The differences issue 23 closed, each as the reference does it (ReCall, branch re-search): only the tokenizer's
+    eos_token finishes a response (src/verl/utils/reward_score/re_search.py:161), micro-batch token means weighted by
+    trajectories (src/verl/workers/actor/dp_actor.py:276), the partial batch dropped
+    (src/verl/trainer/ppo/ray_trainer.py:484), an empty query searched (vllm_rollout.py:416), the eval's
+    over-length prediction "" and 'nothing to search' (src/flashrag/pipeline/active_pipeline.py:74, 95), no BOS."""
+    for name in ("qwen2.5-7b-instruct", "qwen2.5-7b-base", "qwen2.5-32b-instruct"):
+        config = load_config(name)
+        assert config.rollout.sampling.finish_on == "eos-token"
+        assert config.learner.grpo.micro_batch_weight == "sequences" and config.learner.grpo.agg == "token-mean"
+        assert config.trainer.drop_last
+        assert config.retrieval.empty_query_result is None
+        assert config.eval.truncated_answer == "empty" and config.eval.empty_query_result == "nothing to search"
+        assert config.rollout.prompt_template in ("base", "instruct")  # not base-bos
+    others = load_config("test-tiny", ["rollout.sampling.finish_on=any-eos", "learner.grpo.micro_batch_weight=tokens",
+                                       "trainer.drop_last=false", "retrieval.empty_query_result=invalid query",
+                                       "eval.truncated_answer=keep", "rollout.prompt_template=base-bos"])
+    assert (others.rollout.sampling.finish_on, others.learner.grpo.micro_batch_weight, others.trainer.drop_last,
+            others.retrieval.empty_query_result, others.eval.truncated_answer, others.rollout.prompt_template) == (
+        "any-eos", "tokens", False, "invalid query", "keep", "base-bos")

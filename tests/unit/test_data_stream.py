@@ -91,3 +91,71 @@ def test_requeue_is_idempotent() -> None:
     assert sorted(i.index for i in issued) == [0, 1, 2, 3]
     stream.requeue(PromptItem(99, 0))  # never issued: ignored
     assert stream.next() is None
+
+
+def run_through(stream: PromptStream, limit: int = 10**6) -> list[PromptItem]:
+    """Issue and consume prompts one at a time (at most `limit`) until the stream finishes."""
+    consumed: list[PromptItem] = []
+    while not stream.finished and len(consumed) < limit:
+        item = stream.next()
+        assert item is not None, "stream stalled before finishing"
+        stream.consume(item)
+        consumed.append(item)
+    return consumed
+
+
+def test_drop_last_trains_only_whole_batches_each_epoch_as_the_reference() -> None:
+    """The reference's train DataLoader has drop_last=True (ReCall, branch re-search,
+    src/verl/trainer/ppo/ray_trainer.py:482-486): each epoch trains floor(prompts / batch) full batches of its shuffled
+    order and leaves the rest out. trainer.drop_last is that default; false trains the partial batch."""
+    from cluster.config import load_config
+
+    config = load_config("test-tiny", ["trainer.epochs=3", "trainer.batch_size=4", "seed=5"])
+    assert config.trainer.drop_last
+    stream = PromptStream.for_job(10, config)
+    consumed = run_through(stream)
+    per_epoch = [[i.index for i in consumed if i.epoch == epoch] for epoch in range(3)]
+    assert [len(indices) for indices in per_epoch] == [8, 8, 8] and stream.finished and stream.next() is None
+    assert all(len(set(indices)) == 8 for indices in per_epoch)
+    left_out = [set(range(10)) - set(indices) for indices in per_epoch]
+    assert len({frozenset(s) for s in left_out}) > 1  # a different tail each epoch, as the shuffle differs
+    # Without it, every prompt of every epoch is trained (the last batch of 2 is partial).
+    kept = run_through(PromptStream.for_job(10, config.model_copy(
+        update={"trainer": config.trainer.model_copy(update={"drop_last": False})})))
+    assert len(kept) == 30
+    # With drop_last an epoch is the first 8 of the order the stream without it issues.
+    assert [i.index for i in consumed if i.epoch == 1] == [i.index for i in kept if i.epoch == 1][:8]
+
+
+def test_drop_last_resume_continues_exactly() -> None:
+    uninterrupted = run_through(PromptStream(10, epochs=2, seed=7, batch_size=4, drop_last=True))
+    for stop_after in (3, 8, 11):  # mid-epoch, at the epoch boundary, in the second epoch
+        stream = PromptStream(10, epochs=2, seed=7, batch_size=4, drop_last=True)
+        before = run_through(stream, stop_after)
+        outstanding = stream.next()  # issued, never trained: issued again after the resume
+        state = stream.state_dict()
+        resumed = PromptStream(10, epochs=2, seed=7, batch_size=4, drop_last=True)
+        resumed.load_state_dict(state)
+        after = run_through(resumed)
+        assert before + after == uninterrupted, stop_after
+        assert outstanding in after
+
+
+def test_drop_last_position_refuses_another_epoch_size() -> None:
+    dropping = PromptStream(10, epochs=2, seed=0, batch_size=4, drop_last=True)
+    state = dropping.state_dict()
+    assert state["epoch_size"] == 8
+    with pytest.raises(ValueError, match="trainer.drop_last"):
+        PromptStream(10, epochs=2, seed=0, batch_size=4).load_state_dict(state)
+    # A position saved before epoch_size existed trained whole epochs: fine without a drop, refused with one.
+    old = {k: v for k, v in PromptStream(10, 2, seed=0).state_dict().items() if k != "epoch_size"}
+    PromptStream(10, epochs=2, seed=0).load_state_dict(old)
+    PromptStream(12, epochs=2, seed=0, batch_size=4, drop_last=True).load_state_dict({**old, "num_prompts": 12})
+    with pytest.raises(ValueError, match="10 prompts per epoch, this run 8"):
+        PromptStream(10, epochs=2, seed=0, batch_size=4, drop_last=True).load_state_dict(old)
+
+
+def test_drop_last_with_fewer_prompts_than_a_batch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="3 training prompts fill no batch of 4"):
+        PromptStream(3, epochs=1, seed=0, batch_size=4, drop_last=True)
+    assert PromptStream(3, epochs=1, seed=0, batch_size=4).epoch_size == 3

@@ -363,3 +363,45 @@ def test_with_advantages_adds_the_column_group_by_group() -> None:
         with_advantages(groups, "ppo")
     with pytest.raises(ValueError, match="equal size"):
         with_advantages([groups[0], pa.RecordBatch.from_pydict({"reward": [1.0]})])
+
+
+# --- how micro-batches combine --------------------------------------------------------------------------------
+
+
+def test_micro_batches_combine_as_the_reference_dp_actor() -> None:
+    """The reference (ReCall, branch re-search, src/verl/workers/actor/dp_actor.py:257-276, use_dynamic_bsz as its
+    scripts/train/train.sh:88 sets) takes each micro-batch's masked token mean and scales it by
+    len(micro) / ppo_mini_batch_size: a micro-batch of one short response weighs as much per trajectory as one of a
+    long response. `micro_batch_weight: tokens` is the exact token mean of the whole mini-batch instead."""
+    from learner.grpo import micro_batch_share
+
+    # 3 trajectories, micro-batches [row 0] and [rows 1, 2]; per-token losses 1 (1 token), 2 (3 tokens), 4 (2 tokens).
+    loss = torch.tensor([[1.0, 0, 0], [2.0, 2, 2], [4.0, 4, 0]])
+    mask = torch.tensor([[1.0, 0, 0], [1.0, 1, 1], [1.0, 1, 0]])
+    real = torch.ones(3)
+    micro = [(0, 1), (1, 3)]
+
+    def combined(weight: str) -> float:
+        return sum(
+            float(aggregate(loss[a:b], mask[a:b], "token-mean"))
+            * micro_batch_share("token-mean", weight, mask[a:b], real[a:b], mask, real)
+            for a, b in micro
+        )
+
+    reference = 1 / 3 * 1.0 + 2 / 3 * (2 * 3 + 4 * 2) / 5  # token means 1.0 and 2.8, weighted 1/3 and 2/3
+    assert combined("sequences") == pytest.approx(reference)
+    assert combined("tokens") == pytest.approx(float(aggregate(loss, mask, "token-mean")))  # (1 + 6 + 8) / 6
+    assert combined("sequences") != pytest.approx(combined("tokens"))
+    # A padding row (real 0) is no trajectory: it weighs nothing, so padding leaves the reference's loss unchanged.
+    padded_real = torch.tensor([1.0, 1, 1, 0])
+    padded_mask = torch.cat([mask, torch.zeros(1, 3)])
+    assert micro_batch_share("token-mean", "sequences", padded_mask[3:], padded_real[3:], padded_mask,
+                             padded_real) == 0.0
+    assert micro_batch_share("token-mean", "sequences", padded_mask[2:], padded_real[2:], padded_mask,
+                             padded_real) == pytest.approx(1 / 3)
+    # Sequence-level aggregations count rows (padding included, adding 0) over trajectories under either weight.
+    for weight in ("sequences", "tokens"):
+        assert micro_batch_share("seq-mean-token-mean", weight, padded_mask[2:], padded_real[2:], padded_mask,
+                                 padded_real) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="'rows'"):
+        micro_batch_share("token-mean", "rows", mask, real, mask, real)

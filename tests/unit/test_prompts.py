@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from actors.prompts import BASE_TEMPLATE, INSTRUCT_SYSTEM_PROMPT, build_prompt, build_prompt_ids
@@ -125,3 +125,28 @@ def test_result_block_formats() -> None:
     assert format_passages([]) == ""
     with pytest.raises(ValueError, match="unknown result style"):
         format_passages(passages, style="xml")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE whose tokenizer adds a BOS `<s>` when asked for special tokens (as Llama's does)."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([EXPECTED_BASE], trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def test_base_prompt_ids_carry_no_bos_as_the_reference(bos_tokenizer: PreTrainedTokenizerFast) -> None:
+    """The reference tokenises the prompt text with add_special_tokens=False (ReCall, branch re-search,
+    src/verl/utils/torch_functional.py:269, called by src/verl/utils/dataset/rl_dataset.py:165): no BOS on the base
+    prompt. `prompt_template: base-bos` is the option that adds the tokenizer's."""
+    bos = bos_tokenizer.bos_token_id
+    assert bos_tokenizer.encode("x")[0] == bos  # the tokenizer does add one when asked
+    plain = build_prompt_ids(QUESTION, "base", bos_tokenizer)
+    assert bos not in plain and bos_tokenizer.decode(plain) == EXPECTED_BASE
+    assert build_prompt_ids(QUESTION, "base-bos", bos_tokenizer) == [bos, *plain]
+    assert build_prompt(QUESTION, "base-bos") == EXPECTED_BASE

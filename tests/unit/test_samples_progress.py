@@ -74,4 +74,6 @@ def test_total_steps_is_max_steps_or_the_epochs_in_batches() -> None:
     from cluster.config import TrainerConfig
 
     assert total_steps(TrainerConfig(max_steps=7), 100) == 7
-    assert total_steps(TrainerConfig(epochs=2, batch_size=4), 10) == 5
+    # Each epoch ends on its own: 10 prompts are 2 full batches and a partial one, which drop_last drops.
+    assert total_steps(TrainerConfig(epochs=2, batch_size=4), 10) == 4
+    assert total_steps(TrainerConfig(epochs=2, batch_size=4, drop_last=False), 10) == 6
