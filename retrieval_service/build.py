@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +162,26 @@ def _assemble(out_dir: Path, build_dir: Path, num_shards: int, factory: str, dim
     return int(index.ntotal)
 
 
+def encoder_dim(model_dir: Path) -> int:
+    """Output dimension of a transformers encoder folder (its config.json's hidden_size), without loading it."""
+    raw = json.loads((model_dir / "config.json").read_text())
+    try:
+        return int(raw["hidden_size"])
+    except KeyError:
+        raise ValueError(f"{model_dir}/config.json has no hidden_size") from None
+
+
+def check_factory(factory: str, dim: int) -> None:
+    """A ValueError naming --factory when faiss' index_factory cannot build `factory` for `dim`-d vectors."""
+    try:
+        new_faiss_index(factory, dim)
+    except RuntimeError as err:  # faiss' C++ message: several lines with the source location
+        reason = next((line.strip() for line in str(err).splitlines() if "rror" in line), str(err).strip())
+        reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", reason)  # drop the C++ function and source line
+        raise ValueError(f"--factory {factory!r} is not a faiss index_factory string for {dim}-d vectors "
+                         f"(e.g. Flat, HNSW32, IVF4096,PQ64): {reason}") from None
+
+
 def build_index(
     corpus: str | Path,
     out_dir: str | Path,
@@ -177,6 +198,9 @@ def build_index(
     """Encode `corpus` into `out_dir`; returns its meta, or None when `max_new_shards` stopped it before assembly."""
     corpus, out_dir = Path(corpus), Path(out_dir)
     encoder_config = encoder_config or EncoderConfig()
+    # Before anything is encoded (21M passages take hours): a factory faiss cannot build fails now, not at assembly.
+    model_dir = resolve_encoder_path(encoder_config.name_or_path)
+    check_factory(factory, encoder_dim(model_dir))
     fingerprint = corpus_fingerprint(corpus)
     if (out_dir / META_FILE).is_file():
         done = IndexMeta.model_validate_json((out_dir / META_FILE).read_text())
@@ -231,7 +255,7 @@ def build_index(
     name = encoder_config.name_or_path
     meta = IndexMeta(
         encoder=name,
-        pooling=read_pooling(resolve_encoder_path(name)),
+        pooling=read_pooling(model_dir),
         e5_prefixes="e5" in name.lower(),
         dim=dim,
         factory=factory,
