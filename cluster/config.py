@@ -111,6 +111,23 @@ class LoggingConfig(BaseModel):
         "a terminal.")
 
 
+class NodeGroupConfig(BaseModel):
+    """A group of identical nodes of the cluster, as Ray sees each one (for `research plan`'s placement check)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="Name shown in the plan (default: group<index>).")
+    count: int = Field(1, ge=1, description="Nodes in the group.")
+    cpus: float = Field(..., ge=0, description="Logical CPUs Ray gets on each node (ray start --num-cpus).")
+    gpus: float = Field(0.0, ge=0, description="GPUs on each node (ray start --num-gpus).")
+    memory_gib: float | None = Field(None, gt=0, description="RAM of each node in GiB (None = "
+                                     "hardware.host_memory_gib); Ray's memory resource is what its object store "
+                                     "(30 %, at most 200 GB) leaves.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources each node advertises "
+                                        "(ray start --resources), e.g. {learner_node: 8}.")
+    head: bool = Field(False, description="The group's first node is the Ray head (retrieval replicas avoid it).")
+
+
 class HardwareConfig(BaseModel):
     """The machines the job is meant for, as research plan needs them to say whether it fits; nothing else reads it."""
 
@@ -123,6 +140,15 @@ class HardwareConfig(BaseModel):
     )
     host_memory_gib: float | None = Field(
         None, gt=0, description="RAM of one node in GiB (p4d/p4de.24xlarge: 1152); None = this machine's RAM."
+    )
+    launch_files: list[str] = Field(
+        default_factory=list, description="Launch files (cluster/launch/...) the job is sized for: research plan "
+        "places its learner ranks, rollout actors and retrieval replicas on the nodes each one advertises and "
+        "checks that their GPUs have gpu_memory_gib (for the Slurm script: the smallest sbatch --nodes that fits).",
+    )
+    nodes: list[NodeGroupConfig] = Field(
+        default_factory=list, description="The cluster's node groups when it is none of the launch files: research "
+        "plan places the job on them too.",
     )
 
 
