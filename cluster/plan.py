@@ -605,7 +605,8 @@ def format_placement(verdicts: list[Placement]) -> list[str]:
         lines.append(f"  {verdict.source}: {'yes' if verdict.fits else 'NO'} ({verdict.nodes} nodes, "
                      f"{verdict.gpus:g} GPUs{note})")
         for group, roles in verdict.hosted.items():
-            lines.append(f"    {group}: " + ", ".join(f"{count} {role}s" for role, count in roles.items()))
+            lines.append(f"    {group}: " + ", ".join(f"{count} {role}{'s' if count != 1 else ''}"
+                                                    for role, count in roles.items()))
         lines += [f"    problem: {problem}" for problem in verdict.problems]
     return lines
 
