@@ -61,8 +61,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 if TYPE_CHECKING:
     from cluster.config import JobConfig
     from cluster.placement import Placement
@@ -655,6 +653,8 @@ def _one_line_error(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`research plan CONFIG [key=value ...] [--json] [--launch FILE]`: per-role memory estimates and placement;
     exit code 0 when everything fits, 1 when something does not, 2 on an error."""
+    import yaml
+
     from cluster.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(
