@@ -609,8 +609,8 @@ def format_placement(verdicts: list[Placement]) -> list[str]:
     return lines
 
 
-def format_plan(config: JobConfig, plans: dict[str, RolePlan]) -> str:
-    """A readable table: one line per role, then each role's breakdown."""
+def format_plan(config: JobConfig, plans: dict[str, RolePlan], brief: bool = False) -> str:
+    """A readable table: one line per role, then (unless `brief`) each role's breakdown."""
     hardware = config.hardware
     where = f"{hardware.gpu or 'GPU'} {hardware.gpu_memory_gib:g} GiB" if _on_gpu(config) else "CPU"
     host = f"{hardware.host_memory_gib:g}" if hardware.host_memory_gib else f"{host_memory_bytes() / GIB:.1f} (this machine)"
@@ -621,6 +621,8 @@ def format_plan(config: JobConfig, plans: dict[str, RolePlan]) -> str:
         lines.append(f"{name:<18} {role.count:>5}  {role.per:<14} {role.estimate / GIB:>12.2f} "
                      f"{role.capacity / GIB:>12.2f}  {'yes' if role.fits else 'NO'}")
     for name, role in plans.items():
+        if brief:
+            break
         lines += ["", f"{name}:"]
         lines += [f"  {part:<40} {value / GIB:>9.3f} GiB" for part, value in role.breakdown.items()]
         if name == "learner_rank":
@@ -667,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logprob-chunk-tokens", type=int, default=None, metavar="N",
                         help="plan a learner that scores N tokens at a time (default: learner.logprob_chunk_tokens "
                         "when the config has it, else whole micro-batches)")
+    parser.add_argument("--brief", action="store_true", help="the verdict table and the placement only")
     parser.add_argument("--launch", action="append", default=None, metavar="FILE",
                         help="place the job on the nodes of this launch file (Ray cluster YAML, KubeRay RayJob, "
                         "Slurm script) instead of hardware.launch_files; repeatable")
@@ -687,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         out["placement"] = [verdict.to_json() for verdict in placement]
         print(json.dumps(out, indent=1))
     else:
-        print(format_plan(config, plans) + "\n" + "\n".join(format_placement(placement)))
+        print(format_plan(config, plans, args.brief) + "\n" + "\n".join(format_placement(placement)))
     fits = all(role.fits for role in plans.values()) and all(verdict.fits for verdict in placement)
     return 0 if fits else 1
 

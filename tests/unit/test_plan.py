@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,13 @@ def test_model_shape_from_the_hugging_face_cache(tmp_path: Path, monkeypatch: py
     local.mkdir()
     (local / "config.json").write_text(json.dumps(llama))
     assert resolve_architecture(str(local)) == arch
+
+
+def test_readme_plan_blocks_are_the_tools_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # empty: the shapes come from the built-in table, as printed
+    blocks = re.findall(r"```text\n\$ research plan ([^\n]+)\n(.*?)\n```", (REPO / "README.md").read_text(), re.DOTALL)
+    assert len(blocks) >= 2
+    for args, printed in blocks:
+        assert main(args.split()) == 0
+        assert capsys.readouterr().out.rstrip("\n") == printed, f"README block of `research plan {args}` is stale"
