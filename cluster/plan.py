@@ -1,4 +1,5 @@
-"""`research plan CONFIG`: will the job fit? A memory estimate per role against the memory the config states.
+"""`research plan CONFIG`: will the job fit? A memory estimate per role against the memory the config states, and
+the placement of every rank, actor and replica on the launch files' nodes; exit code 1 when anything does not fit.
 
 Pure arithmetic on the config and the model's architecture: nothing is built, loaded or downloaded, and torch is
 not imported. Roles and what each estimate counts (all in GiB = 2**30 bytes):
@@ -31,7 +32,14 @@ learner rank (one DeepSpeed rank; capacity = gpus_per_rank x hardware.gpu_memory
                     Without checkpointing the log-prob stage adds to all saved activations (both live at the end
                     of forward); with it, the peak is the larger of it and the recomputed layer with its gradients.
                     Checked on CPU against real learner steps: bench/plan_check.py, bench/RESULTS.md.
+    lm head grad    the LM head's whole weight gradient before ZeRO reduces it: vocab x hidden x (4 + p) with the
+                    chunked head (learner.logprobs sums it in fp32, then casts it to the dtype; both alive), x p
+                    with whole logits (autograd's); part of the log-prob stage's peak.
     runtime         1 GiB: CUDA context and NCCL buffers on GPU; the Python/torch process on CPU.
+    weight sync     rank 0 only (the plan reports rank 0, the fullest): the sender's two buffers of the largest
+                    bucket, max(weight_sync_bucket_mb, the largest tensor) in the dtype, kept between syncs
+                    (actors/weight_sync.WeightSender), and on GPU the NCCL communicator's buffers (0.5 GiB, an
+                    upper estimate).
 
 rollout engine (one vLLM engine; on GPU each of its tensor_parallel_size GPUs, capacity = gpu_memory_utilization x
 GPU memory; on CPU capacity = host RAM)
@@ -41,6 +49,13 @@ GPU memory; on CPU capacity = host RAM)
     KV cache        per token 2 x L x max(1, kv_heads/tp) x head_dim x p; the engine's share is what remains of the
                     capacity (GPU) or engine.cpu_kvcache_gb (CPU). The estimate counts one max_model_len sequence
                     (vLLM refuses to start without it); the breakdown tells how many tokens and sequences fit.
+    weight sync     on GPU, outside vLLM's budget, so within the (1 - gpu_memory_utilization) it leaves: every
+                    worker receives whole buckets (one largest bucket) over its own NCCL communicator (0.5 GiB).
+
+placement (cluster/placement.py)
+    every learner rank, rollout actor and retrieval replica with the CPUs, GPUs, memory and custom resources its
+    section asks Ray for, packed onto the nodes of each launch file in hardware.launch_files (or --launch) and of
+    hardware.nodes; a launch file's GPUs must have hardware.gpu_memory_gib.
 
 retrieval replica (one service process, host RAM)
     index           ntotal x bytes per vector of the faiss factory (Flat: dim x 4), from the index dir's meta.json,
