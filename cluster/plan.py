@@ -316,8 +316,9 @@ class LearnerShape:
 
 def largest_bucket_bytes(arch: Architecture, p: int, bucket_mb: float) -> float:
     """Bytes of the largest weight-sync bucket: bucket_mb MiB, or the largest tensor (the embedding or the untied
-    LM head, vocab x hidden) when it is larger, since a tensor travels whole (actors/weight_sync.make_manifest)."""
-    return max(bucket_mb * 2**20, float(p * arch.vocab * arch.hidden))
+    LM head, vocab x hidden) when it is larger, since a tensor travels whole (actors/weight_sync.make_manifest);
+    never more than the whole model (the buffers are sized to the largest bucket there is)."""
+    return min(float(p * arch.params), max(bucket_mb * 2**20, float(p * arch.vocab * arch.hidden)))
 
 
 def layer_activation_bytes_per_token(arch: Architecture, p: int) -> float:
