@@ -223,3 +223,12 @@ def test_slurm_script_starts_the_nodes_the_planner_models(tmp_path: Path, preset
     entry = submit[submit.index("--") + 1:]
     assert entry[:4] == [f"{tmp_path}/venv/bin/python", "-m", "cluster.train", f"configs/{preset}.yaml"]
     assert entry[4].startswith("run_dir=")
+
+
+def test_ray_cluster_yaml_passes_the_launchers_own_validation() -> None:
+    # What `ray up` runs before anything starts: defaults merged in, then Ray's JSON schema (extra keys refused).
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((LAUNCH / "ray-cluster.yaml").read_text()))
+    validate_config(config)
+    assert config["available_node_types"]["learner_worker"]["max_workers"] == 2
