@@ -232,3 +232,16 @@ def test_ray_cluster_yaml_passes_the_launchers_own_validation() -> None:
     config = prepare_config(yaml.safe_load((LAUNCH / "ray-cluster.yaml").read_text()))
     validate_config(config)
     assert config["available_node_types"]["learner_worker"]["max_workers"] == 2
+
+
+def test_dockerfile_installs_every_package_the_project_ships() -> None:
+    import tomllib
+
+    dockerfile = (LAUNCH / "Dockerfile").read_text()
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for package in (pattern.rstrip("*") for pattern in include):
+        assert re.search(rf"^COPY {package} {package}$", dockerfile, re.MULTILINE), package
+    assert re.search(r"^COPY configs configs$", dockerfile, re.MULTILINE)  # the entrypoints name presets
+    assert "pip install --no-cache-dir -e '.[gpu]'" in dockerfile
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", ".cache", "runs"} <= set(ignored)  # the build context never carries a CPU venv or runs
