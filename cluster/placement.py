@@ -295,7 +295,11 @@ def _shown(path: Path) -> Path:
 
 def launch_nodes(path: Path) -> list[Node]:
     """The nodes a Ray cluster YAML or KubeRay file advertises."""
-    text = yaml.safe_load(path.read_text())
+    try:
+        text = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not YAML, so neither a Ray cluster launcher file nor a KubeRay one "
+                         f"({' '.join(str(err).split())})") from None
     if isinstance(text, dict) and text.get("kind") in ("RayJob", "RayCluster"):
         return nodes_from_rayjob(path)
     if isinstance(text, dict) and "available_node_types" in text:
