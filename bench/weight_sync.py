@@ -28,11 +28,12 @@ import ray
 import torch
 from torch.distributed.elastic.utils.distributed import get_free_port
 
-from actors.weight_sync import WeightReceiver, make_manifest
+from actors.weight_receiver import WeightReceiver
 from cluster.models import build_tiny_policy
 from learner.config import GRPOConfig, LearnerConfig
 from learner.distributed import destroy_distributed
 from learner.learner_actor import Learner
+from weight_transfer.wire import make_manifest
 
 RECEIVERS = 2
 
@@ -57,7 +58,8 @@ class LoadingHost(WeightReceiver):
 def sync_bucketed(learner: Learner, receivers: list, version: int) -> float:
     """Ours: one manifest, one control call per receiver, the bucketed broadcast of the training path."""
     started = time.perf_counter()
-    manifest = learner.weight_manifest(version)
+    learner.policy_version = version
+    manifest = learner.weight_manifest()
     loads = [r.research_load_weights.remote(manifest) for r in receivers]
     learner.send_weights(manifest)
     ray.get(loads)
@@ -118,7 +120,7 @@ def main() -> None:
                      for i, r in enumerate(receivers)]
             learner.connect_weight_group()
             ray.get(joins)
-            buckets = len(learner.weight_manifest(0)["buckets"])
+            buckets = len(learner.weight_manifest()["buckets"])
             times: dict[str, list[float]] = {"bucketed": [], "floor": [], "per-parameter": []}
             for repeat in range(args.repeats + 1):  # the first round warms sockets and allocators up
                 round_times = {

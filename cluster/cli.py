@@ -100,10 +100,9 @@ def models_main(argv: list[str] | None = None) -> int:
 
 def scale_main(argv: list[str] | None = None) -> int:
     """Ask a running job to scale its rollout actors; it applies the request at its next step boundary."""
-    import json
     from pathlib import Path
 
-    from cluster.train import CONTROL_FILE
+    from cluster.scale import request_actors
 
     parser = CommandParser("research scale", "Change the number of rollout actors of a running job; it applies "
                            "the request at its next step boundary.")
@@ -113,13 +112,10 @@ def scale_main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         return fail(parser.prog, f"no such run directory {run_dir}")
-    target = run_dir / CONTROL_FILE
-    partial = target.with_suffix(".tmp")
     try:
-        partial.write_text(json.dumps({"num_actors": args.num_actors}))
-        partial.replace(target)  # atomic: the driver never reads half a file
+        request_actors(run_dir, args.num_actors)
     except OSError as error:
-        return fail(parser.prog, f"cannot write {target}: {error}")
+        return fail(parser.prog, f"cannot write the scale request in {run_dir}: {error}")
     print(f"asked {run_dir} for {args.num_actors} rollout actors")
     return 0
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from actors.config import RolloutConfig
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, plain_sampling
 from retrieval_service.config import RetrievalConfig
 
 
@@ -187,11 +187,8 @@ class JobConfig(BaseModel):
     def _objective_matches_sampling(self) -> JobConfig:
         """Refuse ratio denominators that would divide tempered by untempered logprobs: vLLM returns the raw
         (temperature-1, unfiltered) logprob of each sampled token."""
-        sampling, grpo = self.rollout.sampling, self.learner.grpo.resolved(
-            self.rollout.sampling.temperature, self.rollout.sampling.top_p, self.rollout.sampling.top_k,
-            self.trainer.max_staleness)
-        plain = grpo.logit_temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k <= 0
-        if plain:
+        sampling, grpo = self.rollout.sampling, self.resolved_learner().grpo
+        if plain_sampling(grpo.logit_temperature, sampling.top_p, sampling.top_k):
             return self
         if grpo.old_logprobs == "behaviour":
             raise ValueError("learner.grpo.old_logprobs=behaviour with temperature != 1 or top-p/top-k sampling "

@@ -46,6 +46,27 @@ def check_marker(run_dir: str | Path, token: str) -> None:
         )
 
 
+def check_marker_on_nodes(run_dir: str | Path, token: str, node_ids: list[str]) -> list[str]:
+    """The driver checks its marker on each Ray node given (a zero-CPU task pinned there; RunDirError unless every
+    node reads it); returns the nodes' IPs in the order given."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def check_here() -> str:
+        check_marker(run_dir, token)
+        return ray.util.get_node_ip_address()
+
+    task = ray.remote(num_cpus=0)(check_here)
+    unique = list(dict.fromkeys(node_ids))
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+            for node in unique]
+    try:
+        ips = dict(zip(unique, ray.get(refs), strict=True))
+    except ray.exceptions.RayTaskError as error:
+        raise error.cause if isinstance(error.cause, RunDirError) else error from None
+    return [ips[node] for node in node_ids]
+
+
 def check_run_dir_setting(run_dir: str | None, nodes: int) -> None:
     """On a cluster of more than one node, refuse an unset or relative run_dir before anything starts."""
     if nodes > 1 and (not run_dir or not Path(run_dir).expanduser().is_absolute()):

@@ -25,15 +25,11 @@ from cluster.config import ConfigError, JobConfig, load_config
 from cluster.data_stream import PromptItem, PromptStream
 from cluster.metrics import MetricsLogger, batch_metrics, plot_curves, validation_metrics
 from cluster.progress import ProgressLine, total_steps
-from cluster.rollout_pool import ACTOR_GONE, RolloutPool, stop_actors
+from cluster.rollout_pool import ACTOR_GONE, Finished, LearnerFailed, RolloutPool, overlapping, stop_actors
 from cluster.samples import ValidationSamples, question_hops
+from cluster.scale import requested_actors
 
 log = logging.getLogger("research.train")
-CONTROL_FILE = "control.json"
-
-
-class LearnerFailed(RuntimeError):
-    """A learner rank died during an update or a weight sync."""
 
 
 def connect_ray(address: str | None, quiet: bool = False) -> None:
@@ -124,9 +120,12 @@ class Trainer:
         self.learner_restarts = 0
         self.stopping: str | None = None
         """Why the run stops early (SIGTERM, SIGINT), once asked to."""
+        self.updating = False
+        """The learner is in an update (and the sync after it): a stop waits up to trainer.stop_grace_s for it."""
         make_actor = remote_rollout_actor(self.policy_path, config.rollout, retrieval.model_copy(update={"urls": urls}),
                                           config.seed, env_vars=env_vars)
-        self.pool = RolloutPool(make_actor, self.learner, setup_timeout_s=config.rollout.setup_timeout_s,
+        self.pool = RolloutPool(make_actor, self.learner, config.rollout.weight_sync_timeout_s,
+                                setup_timeout_s=config.rollout.setup_timeout_s,
                                 log_every_s=log_every, run_dir_marker=(str(run_dir), self.marker))
         self.pool.add(config.rollout.num_actors)
         self.step = 0
@@ -141,7 +140,7 @@ class Trainer:
 
     def _start_learner(self) -> Any:
         """The learner group (its ranks placed per learner.resources), checked to read run_dir's marker."""
-        from learner.learner_actor import LearnerGroup
+        from cluster.learner_group import LearnerGroup
 
         learner = LearnerGroup(self.config.resolved_learner(), self.policy_path,
                                log_every_s=self.config.trainer.wait_log_every_s)
@@ -151,87 +150,131 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
-        """Train until the epochs or max_steps run out; returns a summary."""
-        trainer = self.config.trainer
-        batch_size, window = trainer.batch_size, (trainer.max_staleness + 1) * trainer.batch_size
-        max_steps = trainer.max_steps or 10**12
+        """The supervisor: validate, then run the step loop; a learner that fails is restored from the newest complete
+        checkpoint and the loop re-entered; SIGTERM/SIGINT stop it at a step boundary. Returns a summary."""
         stop = self._stop_on_signals()
         first_val = await self.validate()
         self.metrics.log(self.step, first_val)
-        buffer: list[tuple[PromptItem, pa.RecordBatch]] = []
-        pending: set[asyncio.Future] = set()
-        learning: asyncio.Task | None = None
-        learning_groups = 0  # groups taken by the running update count against the window until it finishes
-        step_started = time.perf_counter()
-        while self.step < max_steps and not self.stopping:
-            # admission control: at most max_staleness + 1 batches of work generated ahead of the learner
-            while (len(buffer) + self.pool.in_flight + learning_groups < window
-                   and (item := self.stream.next()) is not None):
-                pending.add(self.pool.dispatch(item, self.train_questions[item.index]))
-            if learning is None:
-                buffer = self._drop_too_stale(buffer)
-            ready = len(buffer) >= batch_size or (buffer and not pending and learning is None)
-            if learning is None and ready:
-                buffer.sort(key=lambda entry: entry[1].column("policy_version")[0].as_py())
-                taken, buffer = buffer[:batch_size], buffer[batch_size:]
-                learning_groups = len(taken)
-                learning = asyncio.ensure_future(self._learn(taken, step_started))
-            if not pending and learning is None:
-                break  # nothing in flight, nothing to learn: the data is exhausted
-            waiting = pending | ({learning} if learning else set()) | {stop}
-            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if stop in done and learning is not None:
-                # A step boundary comes first: the update in progress may finish within the grace period.
-                await asyncio.wait({learning}, timeout=trainer.stop_grace_s)
-                done = {learning} if learning.done() else set()
-                if not done:
-                    log.warning("the step in progress did not finish within %.0f s; stopping without it, so the "
-                                "last periodic checkpoint is where --resume starts", trainer.stop_grace_s)
-                    break
-            for future in done:
-                if future is stop:
-                    continue
-                if future is learning:
-                    learning, learning_groups = None, 0
-                    step_started = time.perf_counter()
-                    try:
-                        future.result()
-                        if not self.stopping:
-                            await self._between_steps()
-                    except LearnerFailed as error:
-                        await self._restart_learner(error)
-                        for lost in pending:  # generated for the rolled-back lineage: the prompts are issued anew
-                            lost.cancel()
-                        buffer, pending = [], set()
-                    continue
-                pending.discard(future)
-                finished = future.result()
-                if finished.batch is not None:
-                    buffer.append((finished.item, finished.batch))
-                    continue
-                self.stream.requeue(finished.item)  # its rollout failed: the prompt goes round again
-                if finished.actor_died:
-                    self.pool.replace_dead(finished.actor_id)
-                    await asyncio.to_thread(self.pool.sync_weights)
-        for future in pending:
-            future.cancel()
-        stop.cancel()
-        if self.stopping:
-            checkpoint = self.save() if learning is None or learning.done() else None
-            self.metrics.close()
-            log.info("stopped on %s at step %d; `--resume` continues from %s", self.stopping, self.step, checkpoint)
-            return {"steps": self.step, "stopped": self.stopping, "checkpoint": checkpoint,
-                    "policy_version": self.learner.policy_version, "learner_restarts": self.learner_restarts}
+        while True:
+            producer = asyncio.ensure_future(self.pool.produce(
+                self.stream, self.train_questions, self.config.trainer.batch_size, self.config.trainer.max_staleness,
+                self._dynamic_sampling_draws()))
+            loop = asyncio.ensure_future(self._step_loop())
+            await asyncio.wait({loop, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not loop.done() and self.updating:  # a step boundary comes first: the update may finish in the grace
+                await asyncio.wait({loop}, timeout=self.config.trainer.stop_grace_s)
+            clean = loop.done() and loop.exception() is None
+            for task in (loop, producer):
+                task.cancel()
+            self.pool.discard_work()
+            if self.stopping:
+                return self._stopped(clean or not self.updating)
+            try:
+                loop.result()
+            except LearnerFailed as error:
+                await self._restart_learner(error)
+                continue
+            stop.cancel()
+            return await self._finished(first_val)
+
+    async def _step_loop(self) -> None:
+        """The method, one step per round: a batch of fresh-enough groups -> advantages -> update -> weight sync ->
+        log, validate, checkpoint, scale. Returns when the data or max_steps run out, or a stop is asked for."""
+        from learner.grpo import with_advantages
+
+        trainer, grpo = self.config.trainer, self.config.learner.grpo
+        while self.step < (trainer.max_steps or 10**12) and not self.stopping:
+            waited = time.perf_counter()
+            taken = await self.pool.take(trainer.batch_size, self.learner.policy_version - trainer.max_staleness,
+                                         self.stream)
+            if taken is None:
+                return  # every prompt of every epoch is trained
+            groups = [finished.batch for finished in taken]
+            scalars = batch_metrics(groups, self.learner.policy_version)
+            scalars["time/wait_for_rollouts"] = time.perf_counter() - waited
+            self.updating = True
+            scalars.update(await asyncio.to_thread(self._update, with_advantages(groups, grpo.advantage, grpo.eps)))
+            self.updating = False
+            dropped = self.pool.trained(taken, self.stream)
+            self.step += 1
+            self._audit(taken, dropped)
+            self._log_step(scalars, dropped, time.perf_counter() - waited)
+            await self._between_steps()
+
+    def _update(self, trajectories: pa.Table) -> dict[str, float]:
+        """The learner's update and the weight sync that follows it (worker thread); LearnerFailed if a rank died."""
+        started = time.perf_counter()
+        try:
+            learner_metrics = self.learner.train_step(trajectories)
+            learner_seconds = time.perf_counter() - started
+            self.pool.sync_weights()
+        except ACTOR_GONE as error:
+            if not self.learner.any_dead():
+                raise
+            raise LearnerFailed(str(error)) from error
+        return {**{f"learner/{k}": v for k, v in learner_metrics.items()}, "time/learner": learner_seconds,
+                "time/weight_sync": time.perf_counter() - started - learner_seconds}
+
+    def _dynamic_sampling_draws(self) -> int:
+        """Batches' worth of groups a step may draw with DAPO's dynamic sampling; 0 when it is off."""
+        grpo = self.config.learner.grpo
+        return grpo.dynamic_sampling_max_draws if grpo.dynamic_sampling else 0
+
+    def _audit(self, taken: list[Finished], dropped: list[PromptItem]) -> None:
+        """trained.jsonl: which prompts each step trained on (and which dynamic sampling dropped): exactly-once."""
+        entry = {"step": self.step, "prompts": [[f.item.epoch, f.item.index] for f in taken]}
+        if dropped:
+            entry["dropped"] = [[item.epoch, item.index] for item in dropped]
+        with open(self.run_dir / "trained.jsonl", "a", encoding="utf-8") as audit:
+            audit.write(json.dumps(entry) + "\n")
+
+    def _log_step(self, scalars: dict[str, float], dropped: list[PromptItem], step_seconds: float) -> None:
+        """Metrics of the step just trained: rollout, learner, timing, data position, actors."""
+        scalars.update({
+            "time/step": step_seconds,
+            "throughput/generated_tokens_per_s": scalars["rollout/generated_tokens"] / step_seconds,
+            "policy_version": float(self.learner.policy_version), "rollout/actors": float(len(self.pool.active)),
+            "rollout/failed": float(self.pool.failed), "data/epoch": float(self.stream.epoch),
+            "data/consumed_in_epoch": float(self.stream.consumed_in_epoch),
+        })
+        if self.config.learner.grpo.dynamic_sampling:
+            scalars["dynamic_sampling/dropped_groups"] = float(len(dropped))
+        self.metrics.log(self.step, scalars)
+        self.progress.step(self.step, scalars)
+        log.info("step %d: reward %.3f, length %.1f, searches %.2f, learner %.2fs, sync %.2fs", self.step,
+                 scalars["reward/mean"], scalars["rollout/response_length"], scalars["rollout/searches"],
+                 scalars["time/learner"], scalars["time/weight_sync"])
+
+    def _stopped(self, clean: bool) -> dict[str, Any]:
+        """The summary of a run stopped by a signal; a checkpoint (with curves and an HF export) when the learner is
+        at a step boundary, else the last periodic one is where --resume starts."""
+        checkpoint = None
+        if clean:
+            checkpoint = self.save()
+        else:
+            log.warning("the step in progress did not finish within %.0f s; stopping without it, so the last "
+                        "periodic checkpoint is where --resume starts", self.config.trainer.stop_grace_s)
+        self.metrics.close()
+        log.info("stopped on %s at step %d; `--resume` continues from %s", self.stopping, self.step, checkpoint)
+        return {"steps": self.step, "stopped": self.stopping, "checkpoint": checkpoint,
+                "policy_version": self.learner.policy_version, "learner_restarts": self.learner_restarts,
+                **self._sync_summary()}
+
+    async def _finished(self, first_val: dict[str, float]) -> dict[str, Any]:
+        """Final validation, checkpoint, HF export and curves; the summary of a run that used up its steps or data."""
         last_val = await self.validate()
         self.metrics.log(self.step, last_val)
         checkpoint = self.save()
-        export = self.learner.export_hf(str(self.run_dir / "hf"), self.policy_path)
         self.metrics.close()
-        png = plot_curves(self.run_dir)
         return {"steps": self.step, "policy_version": self.learner.policy_version, "checkpoint": checkpoint,
-                "hf_export": export, "curves": str(png), "val_before": first_val, "val_after": last_val,
+                "hf_export": self.hf_export, "curves": str(self.curves), "val_before": first_val, "val_after": last_val,
                 "rollout_actors_replaced": self.pool.replaced, "rollouts_failed": self.pool.failed,
-                "learner_restarts": self.learner_restarts}
+                "learner_restarts": self.learner_restarts, **self._sync_summary()}
+
+    def _sync_summary(self) -> dict[str, int]:
+        """Weight syncs of the run, how many had to wait for another, and how many overlapped one (must be 0)."""
+        return {"weight_syncs": len(self.pool.syncs), "weight_syncs_waited": self.pool.syncs_waited,
+                "weight_syncs_overlapping": overlapping(self.pool.syncs)}
 
     def _stop_on_signals(self) -> asyncio.Future:
         """SIGTERM (what `ray job stop` and Kubernetes send) and SIGINT end the run at the next step boundary with a
@@ -253,6 +296,7 @@ class Trainer:
         """A learner rank died: rebuild the learner group from the last checkpoint (or the initial policy) with the
         data position saved with it, so every prompt is trained exactly once counting from that checkpoint."""
         self.learner_restarts += 1
+        self.updating = False
         limit = self.config.trainer.max_learner_restarts
         if self.learner_restarts > limit:
             raise RuntimeError(f"a learner rank died and trainer.max_learner_restarts={limit} is used up") from error
@@ -286,63 +330,6 @@ class Trainer:
         partial.write_text("".join(kept))
         partial.replace(path)
 
-    async def _learn(self, taken: list[tuple[PromptItem, pa.RecordBatch]], step_started: float) -> None:
-        """One policy update on `taken` groups: advantages, the learner's update, the weight sync; logs the step."""
-        from learner.grpo import with_advantages
-
-        groups = [batch for _, batch in taken]
-        scalars = batch_metrics(groups, self.learner.policy_version)
-        if scalars["staleness/max"] > self.config.trainer.max_staleness:
-            raise RuntimeError(f"trained on data {scalars['staleness/max']:.0f} versions old, "
-                               f"above max_staleness={self.config.trainer.max_staleness}")
-        grpo = self.config.learner.grpo
-        trajectories = with_advantages(groups, grpo.advantage, grpo.eps)
-        waited = time.perf_counter() - step_started
-        started = time.perf_counter()
-        try:
-            learner_metrics = await asyncio.to_thread(self.learner.train_step, trajectories)
-            learner_seconds = time.perf_counter() - started
-            started = time.perf_counter()
-            await asyncio.to_thread(self.pool.sync_weights)
-        except ACTOR_GONE as error:
-            if not self.learner.any_dead():
-                raise
-            raise LearnerFailed(str(error)) from error
-        sync_seconds = time.perf_counter() - started
-        for item, _ in taken:
-            self.stream.consume(item)
-        self.step += 1
-        with open(self.run_dir / "trained.jsonl", "a", encoding="utf-8") as audit:  # exactly-once audit trail
-            audit.write(json.dumps({"step": self.step, "prompts": [[i.epoch, i.index] for i, _ in taken]}) + "\n")
-        step_seconds = time.perf_counter() - step_started
-        scalars.update({f"learner/{k}": v for k, v in learner_metrics.items()})
-        scalars.update({
-            "time/wait_for_rollouts": waited, "time/learner": learner_seconds, "time/weight_sync": sync_seconds,
-            "time/step": step_seconds, "throughput/generated_tokens_per_s": scalars["rollout/generated_tokens"] / step_seconds,
-            "policy_version": float(self.learner.policy_version), "rollout/actors": float(len(self.pool.active)),
-            "rollout/failed": float(self.pool.failed), "data/epoch": float(self.stream.epoch),
-            "data/consumed_in_epoch": float(self.stream.consumed_in_epoch),
-        })
-        self.metrics.log(self.step, scalars)
-        self.progress.step(self.step, scalars)
-        log.info("step %d: reward %.3f, length %.1f, searches %.2f, learner %.2fs, sync %.2fs", self.step,
-                 scalars["reward/mean"], scalars["rollout/response_length"], scalars["rollout/searches"],
-                 learner_seconds, sync_seconds)
-
-    def _drop_too_stale(self, buffer: list[tuple[PromptItem, pa.RecordBatch]]) -> list[tuple[PromptItem, pa.RecordBatch]]:
-        """Requeue groups older than max_staleness allows (admission keeps this from happening; this is the guard)."""
-        oldest = self.learner.policy_version - self.config.trainer.max_staleness
-        kept = []
-        for item, batch in buffer:
-            version = batch.column("policy_version")[0].as_py()
-            if version < oldest:
-                log.warning("requeueing prompt %d: generated by policy %d, now %d", item.index, version,
-                            self.learner.policy_version)
-                self.stream.requeue(item)
-            else:
-                kept.append((item, batch))
-        return kept
-
     async def _between_steps(self) -> None:
         """Validation, checkpoints and scaling happen at step boundaries."""
         trainer = self.config.trainer
@@ -353,10 +340,20 @@ class Trainer:
                 self.save()
             except ACTOR_GONE as error:
                 raise LearnerFailed(str(error)) from error
-        self._apply_control()
+        target = requested_actors(self.run_dir)
+        if target is not None and target != len(self.pool.active):
+            log.info("scaling rollout actors %d -> %d", len(self.pool.active), target)
+            self.pool.scale_to(target)
         if self.pool.reap_retired() or self.pool.group_stale:
-            await asyncio.to_thread(self.pool.sync_weights)
+            await asyncio.to_thread(self._sync_or_fail)
         self._write_actors()
+
+    def _sync_or_fail(self) -> None:
+        """A weight sync outside an update (membership changed); a learner rank found dead is LearnerFailed."""
+        try:
+            self.pool.sync_weights()
+        except ACTOR_GONE as error:
+            raise LearnerFailed(str(error)) from error
 
     # ---- validation ---------------------------------------------------------------------------------------------
     async def validate(self) -> dict[str, float]:
@@ -381,25 +378,14 @@ class Trainer:
                  self.step, self.learner.policy_version, self.stream.epoch, self.stream.consumed_in_epoch)
 
     def save(self) -> str:
-        """Checkpoint the learner with the driver's data position."""
-        return self.learner.save(str(self.run_dir / "checkpoints"),
-                                 {"step": self.step, "stream": self.stream.state_dict()},
-                                 keep=self.config.trainer.keep_checkpoints)
-
-    # ---- control ------------------------------------------------------------------------------------------------
-    def _apply_control(self) -> None:
-        """Scale rollout actors to what `research scale RUN_DIR N` last asked for."""
-        path = self.run_dir / CONTROL_FILE
-        if not path.is_file():
-            return
-        try:
-            target = int(json.loads(path.read_text())["num_actors"])
-        except (ValueError, KeyError, json.JSONDecodeError) as error:
-            log.warning("ignoring malformed %s: %s", path, error)
-            return
-        if target >= 1 and target != len(self.pool.active):
-            log.info("scaling rollout actors %d -> %d", len(self.pool.active), target)
-            self.pool.scale_to(target)
+        """Checkpoint the learner with the driver's data position; the HF export (run_dir/hf) and curves.png are
+        refreshed with it, so a run that dies later still leaves a loadable policy and its curves."""
+        checkpoint = self.learner.save(str(self.run_dir / "checkpoints"),
+                                       {"step": self.step, "stream": self.stream.state_dict()},
+                                       keep=self.config.trainer.keep_checkpoints)
+        self.hf_export = self.learner.export_hf(str(self.run_dir / "hf"), self.policy_path)
+        self.curves = plot_curves(self.run_dir)
+        return checkpoint
 
     def _write_actors(self) -> None:
         """run_dir/actors.json: PIDs of the job's processes by role (operators and the fault-injection tests use it)."""

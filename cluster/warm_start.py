@@ -313,7 +313,7 @@ def warm_start_policy(config: JobConfig, policy_path: str, urls: list[str], toke
 def run_warm_start(config: JobConfig, policy_path: str, urls: list[str], tokenizer: Any, train_file: Path,
                    held_out: Sequence[str], out_dir: Path) -> dict[str, Any]:
     """Build the expert trajectories, train on them through a LearnerGroup, export the policy to `out_dir`."""
-    from learner.learner_actor import LearnerGroup
+    from cluster.learner_group import LearnerGroup
 
     warm = config.warm_start
     started = time.perf_counter()

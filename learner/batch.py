@@ -70,6 +70,15 @@ class TrainBatch:
             pad[name] = torch.cat([pad[name], pad[name].new_zeros(extra)])
         return TrainBatch(**pad)
 
+    def dealt(self, ranks: int, mini_size: int) -> TrainBatch:
+        """The rows of each mini-batch dealt round-robin over `ranks` (rank r's contiguous share holds rows r,
+        r + ranks, ...), so after a length sort every rank gets short and long rows alike, not the last rank all
+        the longest ones and the padding. Each mini-batch keeps its rows, so the update is unchanged."""
+        if ranks == 1:
+            return self
+        index = torch.as_tensor(deal_order(self.size, ranks, mini_size), dtype=torch.long)
+        return TrainBatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
     def to(self, device: torch.device | str) -> TrainBatch:
         """The same batch with every tensor on `device`."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -119,3 +128,11 @@ def collate(table: pa.Table, pad_token_id: int, scoring_only: bool = False) -> T
     response_lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
     return TrainBatch(input_ids, attention_mask, loss_mask, behaviour_logprobs, advantages, rewards, response_lengths,
                       torch.ones(rows))
+
+
+def deal_order(size: int, ranks: int, mini_size: int) -> list[int]:
+    """Row order that deals each mini-batch of `mini_size` rows round-robin over `ranks` contiguous shares."""
+    if size % mini_size or mini_size % ranks:
+        raise ValueError(f"{size} rows do not split into mini-batches of {mini_size} over {ranks} ranks")
+    return [start + rank + k * ranks for start in range(0, size, mini_size) for rank in range(ranks)
+            for k in range(mini_size // ranks)]

@@ -7,6 +7,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def plain_sampling(temperature: float, top_p: float, top_k: int) -> bool:
+    """Whether tokens are sampled from the untouched distribution (temperature 1, no top-p/top-k): the only case in
+    which vLLM's returned logprobs are the sampler's own (it returns raw, untempered, unfiltered logprobs)."""
+    return temperature == 1.0 and top_p == 1.0 and top_k <= 0
+
+
 class GRPOConfig(BaseModel):
     """The GRPO objective (the paper: clip 0.2, k3 KL to the reference with coefficient 0.001, token mean)."""
 
@@ -37,6 +43,15 @@ class GRPOConfig(BaseModel):
         "logprobs and weight each token by pi_prox / pi_behaviour. None = on exactly when a job generates ahead "
         "(trainer.max_staleness > 0) and recomputes old logprobs.",
     )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: a group whose rewards are all equal (every advantage 0) is "
+        "dropped and its prompt counted as used; fresh prompts replace it. Off in the paper presets (the reference "
+        "trains on every group).",
+    )
+    dynamic_sampling_max_draws: int = Field(
+        3, ge=1, description="With dynamic_sampling, a step drops at most (max_draws - 1) x batch_size groups; past "
+        "that, zero-variance groups are trained on, so a step always completes.",
+    )
     old_logprobs: Literal["auto", "behaviour", "recompute"] = Field(
         "auto", description="Denominator of the importance ratio: the sampler's logprobs ('behaviour'), or the "
         "learner's own before the update ('recompute', as verl does: one more forward). auto = behaviour when "
@@ -63,8 +78,7 @@ class GRPOConfig(BaseModel):
             temperature = sampling_temperature if sampling_temperature > 0 else 1.0
         old_logprobs = self.old_logprobs
         if old_logprobs == "auto":
-            plain = temperature == 1.0 and top_p == 1.0 and top_k <= 0
-            old_logprobs = "behaviour" if plain else "recompute"
+            old_logprobs = "behaviour" if plain_sampling(temperature, top_p, top_k) else "recompute"
         decoupled = self.decoupled
         if decoupled is None:
             decoupled = max_staleness > 0 and old_logprobs == "recompute"

@@ -61,7 +61,7 @@ def init_distributed(
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if explicit:
-        from actors.weight_sync import serve_store
+        from weight_transfer.transport import serve_store
 
         if backend == "gloo" and node_ip and not os.environ.get("GLOO_SOCKET_IFNAME"):
             # The default group's gloo device comes from $GLOO_SOCKET_IFNAME, else from what the hostname resolves

@@ -77,6 +77,7 @@ class LearnerEngine:
         # Rows that let the batch split over ranks and mini-batches carry no loss (an epoch's last batch is partial).
         batch = batch.padded(config.mini_batches * self.world_size)
         mini_size = batch.size // config.mini_batches
+        batch = batch.dealt(self.world_size, mini_size)  # balanced ranks: ZeRO runs at the slowest rank's pace
         old_logprobs = batch.behaviour_logprobs
         if grpo.recompute_old_logprobs:
             # This rank's rows of every mini-batch, scored before the first update of the step (verl's old_log_prob).

@@ -1,8 +1,8 @@
-"""The learner as Ray actors: one `Learner` per DeepSpeed rank in a placement group, driven by a `LearnerGroup`.
+"""The learner as Ray actors: one `Learner` per DeepSpeed rank, driven by the driver's `cluster.learner_group`.
 
-The driver calls the group; the group fans every call out to all ranks (DeepSpeed steps, checkpoints, exports and
-ZeRO-3 gathers are collectives) and returns rank 0's answer. A batch of trajectories is put into the object store
-once and every rank reads the same global batch: each takes its own rows inside `LearnerEngine.train_step`.
+Every call reaches every rank at once (DeepSpeed steps, checkpoints, exports and ZeRO-3 gathers are collectives). A
+batch of trajectories is put into the object store once and every rank reads the same global batch: each takes its
+own rows inside `LearnerEngine.train_step`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from typing import Any
 import pyarrow as pa
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.config import LearnerConfig
 
@@ -52,12 +50,14 @@ class Learner:
         self.world_size = world_size
         self.engine = None
         self.sender = None
+        self.policy_version = 0
+        """Updates these weights have had: the one count of the policy version (checkpointed, stamped on syncs)."""
         self._listener = None
 
     def node_address(self) -> tuple[str, int]:
         """(node IP, port) of the rank-0 rendezvous: a socket bound to this node's address only, kept open until
         setup hands it to the store (so no other process can take the port in between)."""
-        from actors.weight_sync import bind_listener
+        from weight_transfer.transport import bind_listener
 
         host = ray.util.get_node_ip_address()
         self._listener = bind_listener(host)
@@ -79,19 +79,18 @@ class Learner:
         self.engine = LearnerEngine(self.config, self.model_path)
         return self.engine.rank
 
-    def check_run_dir(self, run_dir: str, token: str) -> str:
-        """Raise unless this node reads the driver's marker in run_dir (shared storage); returns this node's IP."""
-        from cluster.storage import check_marker
-
-        check_marker(run_dir, token)
-        return ray.util.get_node_ip_address()
+    def node_id(self) -> str:
+        """The Ray node this rank runs on (the driver checks run_dir's marker there)."""
+        return ray.get_runtime_context().get_node_id()
 
     def train_step(self, trajectories: pa.Table) -> dict[str, float]:
         """One GRPO update on the global batch (trajectories with their `advantage` column)."""
         from learner.batch import collate
 
         with learner_autocast(self.config):
-            return self.engine.train_step(collate(by_length(trajectories, self.config), self.engine.pad_token_id))
+            metrics = self.engine.train_step(collate(by_length(trajectories, self.config), self.engine.pad_token_id))
+        self.policy_version += 1
+        return {**metrics, "policy_version": float(self.policy_version)}
 
     def compute_logprobs(self, trajectories: pa.Table) -> Any:
         """Current-policy next-token logprobs of the batch as a (B, T-1) numpy array."""
@@ -109,13 +108,12 @@ class Learner:
                 weights[name] = tensor.detach().float().cpu().numpy().copy()
         return weights if self.rank == 0 else None
 
-    def save(self, root: str, policy_version: int, data_position: dict[str, Any] | None = None,
-             keep: int | None = None) -> str:
+    def save(self, root: str, data_position: dict[str, Any] | None = None, keep: int | None = None) -> str:
         """Write a resumable checkpoint (collective); rank 0 then deletes all but the newest `keep`; returns its
         directory."""
         from learner.checkpoint import prune_checkpoints, save_checkpoint
 
-        directory = save_checkpoint(self.engine, root, policy_version, data_position)
+        directory = save_checkpoint(self.engine, root, self.policy_version, data_position)
         if keep is not None and self.rank == 0:
             prune_checkpoints(root, keep)
         return str(directory)
@@ -124,7 +122,9 @@ class Learner:
         """Restore the newest (or the named) checkpoint; returns the driver state saved with it."""
         from learner.checkpoint import load_checkpoint
 
-        return load_checkpoint(self.engine, root, tag)
+        state = load_checkpoint(self.engine, root, tag)
+        self.policy_version = int(state["policy_version"])
+        return state
 
     def export_hf(self, directory: str, tokenizer_path: str | None = None) -> str | None:
         """Write a Hugging Face directory vLLM can load (rank 0 writes; collective)."""
@@ -136,7 +136,7 @@ class Learner:
     def open_weight_group(self, world_size: int, timeout_s: float) -> tuple[str, int, str] | None:
         """Rank 0: serve a new weight group for `world_size` members on this node's address; returns (host, port,
         backend)."""
-        from actors.weight_sync import WeightSender
+        from learner.weight_sender import WeightSender
 
         if self.rank != 0:
             return None
@@ -150,13 +150,14 @@ class Learner:
         if self.rank == 0:
             self.sender.connect()
 
-    def weight_manifest(self, policy_version: int) -> dict[str, Any]:
+    def weight_manifest(self) -> dict[str, Any]:
         """The control message of the next sync: every parameter's full shape (ZeRO-3's ds_shape) and the buckets."""
-        from actors.weight_sync import backend_for, make_manifest
+        from weight_transfer.transport import backend_for
+        from weight_transfer.wire import make_manifest
 
         specs = [(name, torch.empty(getattr(p, "ds_shape", p.shape), dtype=p.dtype, device="meta"))
                  for name, p in self.engine.module.named_parameters()]
-        return make_manifest(specs, policy_version, self.config.weight_sync_bucket_mb, backend_for(self.engine.device))
+        return make_manifest(specs, self.policy_version, self.config.weight_sync_bucket_mb, backend_for(self.engine.device))
 
     def send_weights(self, manifest: dict[str, Any]) -> dict[str, float]:
         """Rank 0 broadcasts every bucket of `manifest`; under ZeRO-3 every rank joins each bucket's gather."""
@@ -184,117 +185,3 @@ class Learner:
             self.sender.close()
         if self.engine is not None:
             self.engine.close()
-
-
-class LearnerGroup:
-    """Driver-side handle of `world_size` Learner actors placed by one placement group."""
-
-    def __init__(self, config: LearnerConfig, model_path: str, strategy: str = "PACK",
-                 log_every_s: float = 30.0) -> None:
-        from cluster.waiting import wait_logged
-
-        self.config = config
-        self.policy_version = 0
-        bundle = {"CPU": config.cpus_per_rank, **config.resources}
-        if config.gpus_per_rank:
-            bundle["GPU"] = config.gpus_per_rank
-        self.placement_group = placement_group([dict(bundle) for _ in range(config.world_size)], strategy=strategy)
-        self.actors: list[Any] = []
-        timeout, key = config.setup_timeout_s, "learner.setup_timeout_s"
-        try:
-            wait_logged([self.placement_group.ready()], f"the learner placement group ({config.world_size} x "
-                        f"{bundle})", timeout, log_every_s, key)
-            remote = ray.remote(Learner)
-            for rank in range(config.world_size):
-                strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
-                self.actors.append(
-                    remote.options(
-                        num_cpus=config.cpus_per_rank, num_gpus=config.gpus_per_rank,
-                        resources=dict(config.resources), scheduling_strategy=strategy,
-                    ).remote(config.model_dump(), model_path, rank, config.world_size)
-                )
-            master_addr, master_port = wait_logged([self.actors[0].node_address.remote()], "learner rank 0 to start",
-                                                   timeout, log_every_s, key)[0]
-            wait_logged([actor.setup.remote(master_addr, master_port) for actor in self.actors],
-                        "learner ranks to join the process group and build policy and reference", timeout,
-                        log_every_s, key)
-        except BaseException:
-            self.shutdown()
-            raise
-
-    def any_dead(self, timeout_s: float = 30.0) -> bool:
-        """Whether Ray reports any rank gone (a rank busy in a collective still answers once it is free)."""
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-        for actor in self.actors:
-            try:
-                ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
-            except (RayActorError, ActorDiedError, ActorUnavailableError):
-                return True
-            except ray.exceptions.GetTimeoutError:
-                continue
-        return False
-
-    def _all(self, method: str, *args: Any) -> list[Any]:
-        """Call `method` on every rank at once (they are collectives) and wait for all answers."""
-        return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
-
-    def train_step(self, trajectories: pa.Table) -> dict[str, float]:
-        """One GRPO update (rank 0's metrics: they are global already); the learner's weights become the next
-        policy version, which engines hold once the driver has synced them."""
-        metrics = self._all("train_step", ray.put(trajectories))[0]
-        self.policy_version += 1
-        return metrics
-
-    def compute_logprobs(self, trajectories: pa.Table) -> Any:
-        """Current-policy logprobs of the batch, (B, T-1)."""
-        return self._all("compute_logprobs", ray.put(trajectories))[0]
-
-    def full_parameters(self) -> dict[str, Any]:
-        """{name: numpy array} of the full current weights."""
-        return self._all("full_parameters")[0]
-
-    def save(self, root: str, data_position: dict[str, Any] | None = None, keep: int | None = None) -> str:
-        """Checkpoint every rank plus the driver state (step, policy version, data position); keeps the newest
-        `keep` checkpoints (None = all)."""
-        return self._all("save", root, self.policy_version, data_position, keep)[0]
-
-    def check_run_dir(self, run_dir: str, token: str) -> list[str]:
-        """Every rank reads the driver's marker in run_dir; returns the ranks' node IPs."""
-        return self._all("check_run_dir", run_dir, token)
-
-    def load(self, root: str, tag: str | None = None) -> dict[str, Any]:
-        """Resume from a checkpoint; restores the policy version and returns the driver state."""
-        state = self._all("load", root, tag)[0]
-        self.policy_version = int(state["policy_version"])
-        return state
-
-    def export_hf(self, directory: str, tokenizer_path: str | None = None) -> str:
-        """Hugging Face export of the current weights."""
-        return self._all("export_hf", directory, tokenizer_path)[0]
-
-    def open_weight_group(self, world_size: int, timeout_s: float = 300.0) -> tuple[str, int, str]:
-        """Start a weight group for `world_size` members (1 learner + engine workers) on rank 0's node."""
-        return self._all("open_weight_group", world_size, timeout_s)[0]
-
-    def connect_weight_group(self) -> ray.ObjectRef:
-        """Start rank 0's join; the caller makes every engine join too, then waits on the returned ref."""
-        return self.actors[0].connect_weight_group.remote()
-
-    def weight_manifest(self) -> dict[str, Any]:
-        """The manifest of a sync of the learner's current weights (stamped with its policy version)."""
-        return ray.get(self.actors[0].weight_manifest.remote(self.policy_version))
-
-    def send_weights(self, manifest: dict[str, Any]) -> list[ray.ObjectRef]:
-        """Start the broadcast on every rank; the caller starts the engines' loads and waits on both."""
-        return [actor.send_weights.remote(manifest) for actor in self.actors]
-
-    def shutdown(self) -> None:
-        """Stop every rank and release the placement group."""
-        try:
-            ray.get([actor.close.remote() for actor in self.actors], timeout=60)
-        except Exception:  # noqa: BLE001 - a dead or unready rank must not keep the others alive
-            pass
-        for actor in self.actors:
-            ray.kill(actor)
-        remove_placement_group(self.placement_group)

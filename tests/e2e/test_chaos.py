@@ -105,6 +105,43 @@ def test_every_prompt_is_trained_once_through_kills_sigterm_and_resume(ray_head:
           f"rollout actors replaced in the resumed run: {summary.get('rollout_actors_replaced')}")
 
 
+def test_async_run_survives_rollout_deaths_during_updates(ray_head: dict, tmp_path: Path) -> None:
+    """max_staleness 1 (generation runs ahead while the learner updates): a rollout actor, then an engine process,
+    killed while an update is in progress. The replacement's sync and the update's sync never run at once, every
+    prompt is trained exactly once, and nothing is left in /dev/shm."""
+    rng = random.Random(int(os.environ.get("CHAOS_SEED", "0")))
+    run_dir = tmp_path / "async"
+    run_dir.mkdir()
+    orphans_before = {p.name for p in orphaned_shm(min_age_s=0)}
+    process = driver(run_dir, ray_head, f"data.max_train_questions={PROMPTS}", "trainer.max_steps=null",
+                     "trainer.epochs=1", "trainer.save_every=0", "trainer.val_every=0", "data.val_size=0",
+                     "rollout.num_actors=2", "trainer.max_staleness=1", "retrieval.outage_wait_s=120")
+    kills = []
+    try:
+        for role, after in (("rollout_pids", 1), ("engine_pids", 3)):
+            # a new step was just logged: the next update starts at once (the buffer runs one batch ahead)
+            wait_for(lambda a=after, r=role: len(trained(run_dir)) >= a and pids(run_dir, r), timeout=600, every=0.05)
+            time.sleep(rng.uniform(0.05, 0.5))
+            victim = rng.choice(pids(run_dir, role))
+            os.kill(victim, signal.SIGKILL)
+            kills.append({"role": role, "pid": victim, "after_step": len(trained(run_dir))})
+        wait(process, run_dir, timeout=900)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    steps = trained(run_dir)
+    prompts = [tuple(p) for step in steps for p in step["prompts"]]
+    assert sorted(prompts) == [(0, i) for i in range(PROMPTS)], f"{len(prompts) - len(set(prompts))} duplicates"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rollout_actors_replaced"] >= 1, summary
+    assert summary["weight_syncs_overlapping"] == 0, summary
+    assert {p.name for p in orphaned_shm(min_age_s=0)} - orphans_before == set()
+    print(f"\nchaos (max_staleness 1): {len(kills)} kills ({', '.join(k['role'] for k in kills)}) during updates, "
+          f"{len(set(prompts))} prompts trained once, {len(steps)} steps, {summary['weight_syncs']} weight syncs "
+          f"({summary['weight_syncs_waited']} waited for another, {summary['weight_syncs_overlapping']} overlapped), "
+          f"rollout actors replaced: {summary['rollout_actors_replaced']}")
+
+
 def test_sigterm_to_a_driver_with_its_own_ray_stops_everything_it_started(tmp_path: Path) -> None:
     """A driver that started its own local Ray cluster: SIGTERM checkpoints, exits 0, and leaves none of that
     cluster's processes (dashboard and runtime-env agents included) running; --resume would continue from there."""

@@ -116,7 +116,7 @@ def actor(tiny_dir: Path, retrieval_url: str, run: Callable[..., Any]) -> Iterat
 @pytest.fixture(scope="session")
 def sender(actor: Any, loop_thread: LoopThread) -> Iterator[Any]:
     """The learner side of the weight group (rank 0 in this process), joined with the actor's engine."""
-    from actors.weight_sync import WeightSender
+    from learner.weight_sender import WeightSender
 
     weight_sender = WeightSender("127.0.0.1", world_size=2, timeout_s=60)
     joining = asyncio.run_coroutine_threadsafe(
@@ -132,7 +132,7 @@ def sender(actor: Any, loop_thread: LoopThread) -> Iterator[Any]:
 def load_policy(actor: Any, sender: Any, loop_thread: LoopThread) -> Callable[[Any, int], dict]:
     """load_policy(hf_model, version): push the model's parameters to the engine through the weight group."""
 
-    from actors.weight_sync import bucket_tensors, make_manifest
+    from weight_transfer.wire import bucket_tensors, make_manifest
 
     def load(model: Any, version: int) -> dict:
         named = list(model.named_parameters())

@@ -16,9 +16,9 @@ import torch
 
 from actors.config import EngineConfig, SamplingConfig
 from actors.trajectory import Trajectory, to_record_batch
+from cluster.learner_group import LearnerGroup
 from learner.config import GRPOConfig, LearnerConfig
 from learner.grpo import with_advantages
-from learner.learner_actor import LearnerGroup
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ def test_pool_stamps_work_with_the_version_every_engine_holds(ray_cluster, polic
                             engine=EngineConfig(max_model_len=256, cpu_kvcache_gb=0.25, max_num_seqs=4))
     learner = LearnerGroup(config, policy_path)
     make_actor = remote_rollout_actor(policy_path, rollout, RetrievalConfig(urls=[retrieval_url]))
-    pool = RolloutPool(make_actor, learner, sync_timeout_s=300, setup_timeout_s=300)
+    pool = RolloutPool(make_actor, learner, weight_sync_timeout_s=300, setup_timeout_s=300)
 
     def stamped() -> set[int]:
         async def one() -> set[int]:
@@ -155,12 +155,12 @@ def test_pool_stamps_work_with_the_version_every_engine_holds(ray_cluster, polic
     try:
         pool.add(1)
         pool.sync_weights()
-        assert pool.policy_version == 0 and engine_versions() == [0]
+        assert pool.engine_version == 0 and engine_versions() == [0]
         learner.train_step(training_groups())
         assert learner.policy_version == 1
         assert stamped() == {0} and engine_versions() == [0]  # the engines have not loaded version 1 yet
         result = pool.sync_weights()
-        assert result["policy_version"] == pool.policy_version == 1 and engine_versions() == [1]
+        assert result["policy_version"] == pool.engine_version == 1 and engine_versions() == [1]
         assert stamped() == {1}
     finally:
         stop_actors([slot.handle for slot in pool.slots.values()])

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pytest
 import torch
 
+from cluster.learner_group import LearnerGroup
 from learner.batch import collate
 from learner.config import GRPOConfig, LearnerConfig
 from learner.engine import LearnerEngine
 from learner.grpo import with_advantages
-from learner.learner_actor import LearnerGroup
 from tests.trajectories import random_groups
 
 pytestmark = pytest.mark.slow

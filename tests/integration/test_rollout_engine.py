@@ -16,7 +16,9 @@ import torch
 
 from actors.config import SamplingConfig
 from actors.prompts import build_prompt_ids
-from actors.weight_sync import WeightSender, _Group, bucket_tensors, make_manifest, unpack_bucket
+from learner.weight_sender import WeightSender
+from weight_transfer.transport import WeightGroup
+from weight_transfer.wire import bucket_tensors, make_manifest, unpack_bucket
 
 LOGPROB_TOLERANCE = 1e-3
 QUESTIONS = ["Who founded the city of Varen?", "Where was the director born?", "What river flows through it?"]
@@ -90,7 +92,7 @@ def test_wire_format_round_trip_over_a_standalone_gloo_group() -> None:
 
     def receiver() -> None:  # what WeightReceiver.research_load_weights does, minus vLLM's loader
         store = torch.distributed.TCPStore("127.0.0.1", sender.port, 2, is_master=False)
-        group = _Group(store, 1, 2, "127.0.0.1", "gloo", torch.device("cpu"), 30)
+        group = WeightGroup(store, 1, 2, "127.0.0.1", "gloo", torch.device("cpu"), 30)
         for index, (_, _, dtype, numel) in enumerate(manifest["buckets"]):
             flat = torch.empty(numel, dtype=getattr(torch, dtype))
             group.broadcast(flat).wait()

@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from actors.weight_sync import WeightSender, serve_store
 from cluster.config import ConfigError, load_config
 from cluster.retrieval_replicas import IndexDoesNotFit, check_index_fits
 from cluster.storage import MARKER, RunDirError, check_marker, check_run_dir_setting, write_marker
 from learner.checkpoint import DRIVER_STATE, prune_checkpoints
 from learner.distributed import collective_device, device_for_backend, interface_of
+from learner.weight_sender import WeightSender
+from weight_transfer.transport import serve_store
 
 NODE_IP = "127.0.0.2"  # a loopback alias: on Linux the whole of 127/8 is local
 

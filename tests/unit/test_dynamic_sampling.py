@@ -1,0 +1,60 @@
+"""Dynamic sampling (DAPO) in the producer: a group whose rewards do not vary is dropped, its prompt counted as used
+and replaced by a fresh one, at most (max_draws - 1) x batch_size times a step; off, every group is kept."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pyarrow as pa
+
+from actors.trajectory import Trajectory, to_record_batch
+from cluster.data_stream import PromptItem, PromptStream
+from cluster.rollout_pool import Finished, RolloutPool, sync_outcome, zero_variance
+
+
+def group(rewards: list[float], version: int = 0) -> pa.RecordBatch:
+    """One scored group with these rewards."""
+    return to_record_batch([Trajectory("p", i, version, [5, 6], [7, 8], [1, 1], [-1.0, -1.0], reward=r)
+                            for i, r in enumerate(rewards)])
+
+
+def receive(pool: RolloutPool, stream: PromptStream, rewards: list[float], draws: int) -> PromptItem:
+    item = stream.next()
+    assert item is not None
+    asyncio.run(pool._receive(Finished(item, 0, group(rewards)), stream, batch_size=2, draws=draws))
+    return item
+
+
+def test_zero_variance_groups_are_dropped_counted_and_their_prompts_used() -> None:
+    pool, stream = RolloutPool(make_actor=None, learner=None), PromptStream(10, 1, seed=0)
+    kept = receive(pool, stream, [0.0, 1.0, 0.5], draws=3)
+    flat = [receive(pool, stream, [0.1, 0.1, 0.1], draws=3) for _ in range(4)]  # (3 - 1) x 2 = 4 may go
+    assert [f.item for f in pool.buffer] == [kept]
+    assert pool.dropped == flat and stream.consumed_in_epoch == 4  # used: never issued again this epoch
+    capped = receive(pool, stream, [0.0, 0.0, 0.0], draws=3)  # the step's budget is spent: kept, so a step ends
+    assert [f.item for f in pool.buffer] == [kept, capped]
+    taken = asyncio.run(pool.take(2, 0, stream))
+    assert [f.item for f in taken] == [kept, capped]
+    assert pool.trained(taken, stream) == flat and pool.dropped == []  # reported with the step, then forgotten
+    receive(pool, stream, [1.0, 1.0, 1.0], draws=3)  # a new step: the budget is back
+    assert len(pool.dropped) == 1 and not pool.buffer
+
+
+def test_without_dynamic_sampling_every_group_is_kept() -> None:
+    pool, stream = RolloutPool(make_actor=None, learner=None), PromptStream(10, 1, seed=0)
+    items = [receive(pool, stream, rewards, draws=0) for rewards in ([0.0] * 3, [1.0, 0.0, 1.0], [0.5] * 3)]
+    assert [f.item for f in pool.buffer] == items and pool.dropped == [] and stream.consumed_in_epoch == 0
+
+
+def test_zero_variance_reads_the_rewards() -> None:
+    assert zero_variance(group([0.3, 0.3])) and not zero_variance(group([0.3, 0.31]))
+
+
+def test_sync_outcome_restores_a_learner_and_replaces_only_engines_that_died_or_hang() -> None:
+    """The decision both transports share after a sync's deadline (gloo gives up by itself, NCCL is aborted)."""
+    assert sync_outcome({"rank0": "ok"}, {1: "ok", 2: "ok"}) == (False, [])
+    # an engine died mid-sync: the learner's broadcast failed at its deadline and it is alive; others rejoin
+    assert sync_outcome({"rank0": "failed"}, {1: "gone", 2: "failed"}) == (False, [1])
+    assert sync_outcome({"rank0": "ok"}, {1: "stuck", 2: "ok"}) == (False, [1])
+    assert sync_outcome({"rank0": "stuck", "rank1": "ok"}, {1: "failed"}) == (True, [])
+    assert sync_outcome({"rank0": "gone"}, {1: "ok"})[0]

@@ -1,0 +1,1 @@
+"""Learner -> rollout weight transfer: the wire format and the transport both sides use (no role code)."""
