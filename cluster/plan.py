@@ -38,7 +38,7 @@ learner rank (one DeepSpeed rank; capacity = gpus_per_rank x hardware.gpu_memory
     runtime         1 GiB: CUDA context and NCCL buffers on GPU; the Python/torch process on CPU.
     weight sync     rank 0 only (the plan reports rank 0, the fullest): the sender's two buffers of the largest
                     bucket, max(weight_sync_bucket_mb, the largest tensor) in the dtype, kept between syncs
-                    (actors/weight_sync.WeightSender), and on GPU the NCCL communicator's buffers (0.5 GiB, an
+                    (learner/weight_sender.WeightSender), and on GPU the NCCL communicator's buffers (0.5 GiB, an
                     upper estimate).
 
 rollout engine (one vLLM engine; on GPU each of its tensor_parallel_size GPUs, capacity = gpu_memory_utilization x
@@ -316,7 +316,7 @@ class LearnerShape:
 
 def largest_bucket_bytes(arch: Architecture, p: int, bucket_mb: float) -> float:
     """Bytes of the largest weight-sync bucket: bucket_mb MiB, or the largest tensor (the embedding or the untied
-    LM head, vocab x hidden) when it is larger, since a tensor travels whole (actors/weight_sync.make_manifest);
+    LM head, vocab x hidden) when it is larger, since a tensor travels whole (weight_transfer/wire.make_manifest);
     never more than the whole model (the buffers are sized to the largest bucket there is)."""
     return min(float(p * arch.params), max(bucket_mb * 2**20, float(p * arch.vocab * arch.hidden)))
 
@@ -427,7 +427,7 @@ def plan_learner(config: JobConfig, arch: Architecture, chunk_tokens: int | None
         p=dtype_bytes(learner.dtype, on_gpu), checkpointing=learner.gradient_checkpointing,
         reference=learner.grpo.kl_coef > 0, chunk_tokens=chunk_tokens,
         # Rank 0 alone sends the weights: two buffers of the largest bucket (in the training dtype) stay allocated
-        # between syncs (actors/weight_sync.WeightSender._buffer), plus the NCCL communicator's buffers on GPU.
+        # between syncs (learner/weight_sender.WeightSender._buffer), plus the NCCL communicator's buffers on GPU.
         sync_buffer_bytes=2 * largest_bucket_bytes(arch, dtype_bytes(learner.dtype, on_gpu),
                                                    learner.weight_sync_bucket_mb),
         communicator_bytes=NCCL_COMMUNICATOR_BYTES if on_gpu else 0.0,
@@ -494,7 +494,7 @@ def plan_rollout(config: JobConfig, arch: Architecture) -> RolePlan:
         estimate = static + one_sequence
         parts["kv cache (one max-length sequence)"] = one_sequence
         # Allocated outside vLLM's budget, so they must fit in the (1 - gpu_memory_utilization) it leaves: every
-        # worker, tensor-parallel ones included, receives whole buckets (actors/weight_sync.research_load_weights)
+        # worker, tensor-parallel ones included, receives whole buckets (actors/weight_receiver.research_load_weights)
         # over its own NCCL communicator.
         outside = {"weight-sync receive buffer": largest_bucket_bytes(arch, p, config.learner.weight_sync_bucket_mb),
                    "weight-sync communicator": NCCL_COMMUNICATOR_BYTES}
