@@ -123,6 +123,7 @@ def test_rayjob_runs_the_image_venv_with_token_auth_on_shared_storage(path: Path
     venv = re.search(r"^ENV VIRTUAL_ENV=(\S+)", dockerfile, re.MULTILINE).group(1)
     assert re.search(rf"^ENV PATH={re.escape(venv)}/bin:\$PATH", dockerfile, re.MULTILINE)  # `ray start` is the venv's
     assert entrypoint[:3] == [f"{venv}/bin/python", "-m", "cluster.train"]
+    assert "/" not in entrypoint[3] or entrypoint[3].startswith("/")  # the driver's cwd is Ray's, not the checkout
     config = load_config(entrypoint[3], entrypoint[4:])
     assert f"cluster/launch/{path.name}" in config.hardware.launch_files
     assert config.run_dir and config.run_dir.startswith("/shared/")
