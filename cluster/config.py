@@ -467,8 +467,10 @@ def explain_config(config: BaseModel, prefix: str = "") -> str:
 
 
 def _json_safe(value: Any) -> Any:
-    """A field value as JSON sees it (tuples become lists)."""
-    return list(value) if isinstance(value, tuple) else value
+    """A field value as JSON sees it (tuples become lists, models such as hardware.nodes' groups dicts)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return [_json_safe(item) for item in value] if isinstance(value, list | tuple) else value
 
 
 def sections_help() -> str:

@@ -230,3 +230,10 @@ def test_local_policy_path_and_wandb_are_checked_before_ray_starts(
         err = capsys.readouterr().err.strip()
         assert "logging.wandb_project" in err and "pip install" in err and len(err.splitlines()) == 1
     assert not ray.is_initialized()
+
+
+def test_explain_shows_a_list_of_node_groups() -> None:
+    from cluster.config import explain_config
+
+    text = explain_config(load_config("test-tiny", ["hardware.nodes=[{count: 2, cpus: 8, resources: {x: 1}}]"]))
+    assert 'hardware.nodes = [{"name": null, "count": 2, "cpus": 8.0' in text
