@@ -262,8 +262,8 @@ def slurm_nodes(count: int, gpus_per_node: int, cpus_per_node: int, learner_node
             resources = {"rollout_node": gpus_per_node}
             if index == count - 1:
                 resources["retrieval_node"] = 1
-        nodes.append(Node("learner" if "learner_node" in resources and count > 1 else "rollout" if count > 1
-                          else "all", float(cpus_per_node), float(gpus_per_node), memory,
+        group = "all" if count == 1 else "learner" if index < learner_nodes else "rollout"
+        nodes.append(Node(group, float(cpus_per_node), float(gpus_per_node), memory,
                           {k: float(v) for k, v in resources.items()}, head=index == 0, gpu_memory_gib=gpu_memory_gib))
     return nodes
 
