@@ -246,3 +246,11 @@ def test_dockerfile_installs_every_package_the_project_ships() -> None:
     assert "pip install --no-cache-dir -e '.[gpu]'" in dockerfile
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".cache", "runs"} <= set(ignored)  # the build context never carries a CPU venv or runs
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_slurm_script_roles_match_the_model_on_other_node_counts(tmp_path: Path, count: int) -> None:
+    calls = run_slurm_script(tmp_path, count)
+    starts = sorted(((node, argv) for node, _, argv in calls if argv[:1] == ["start"]), key=lambda c: int(c[0][4:]))
+    started = [json.loads(next(a.split("=", 1)[1] for a in argv if a.startswith("--resources="))) for _, argv in starts]
+    assert started == [node.resources for node in slurm_nodes(count, 8, 64)]
