@@ -1,14 +1,18 @@
 """GPU check: one learner step of a random ~1.5B Qwen2 at 8,192-token responses, peak memory vs `research plan`.
 
-Needs only torch and transformers (DeepSpeed optional, `--deepspeed`): a random-weight model with Qwen2.5-1.5B's
-shape (28 layers, hidden 1536, intermediate 8960, 12 heads, 2 KV heads, vocabulary 151,936, tied embeddings) in
-bf16 with gradient checkpointing, log-probs computed `--chunk-tokens` positions at a time (each chunk's logits are
-recomputed in backward rather than kept), a clipped-ratio GRPO surrogate, and AdamW on fp32 master weights (what
-DeepSpeed's bf16 optimizer keeps: bf16 weights and gradients, fp32 master, moments and gradient copy). It prints
-the peak CUDA memory (allocated and reserved) against cluster.plan's estimate for the same shape, and tokens/s.
+One command on a one-GPU machine where only torch and transformers are installed (DeepSpeed optional,
+`--deepspeed`), run from the repository root:
 
     python -m bench.gpu_check                       # one CUDA GPU: micro-batch 1 x (512 + 8192) tokens, 3 steps
     python -m bench.gpu_check --device cpu --tiny   # smoke run on CPU in seconds (what the tests run)
+
+It prints one JSON line. The model is random-weight with Qwen2.5-1.5B's shape (28 layers, hidden 1536, intermediate
+8960, 12 heads, 2 KV heads, vocabulary 151,936, tied embeddings) in bf16 with gradient checkpointing; log-probs and
+entropy come from the learner's own chunked head (`learner.logprobs.token_logprobs`, `--chunk-tokens` positions at a
+time, recomputed in backward), the loss is a clipped-ratio GRPO surrogate with the learner's entropy bonus, and AdamW
+steps on fp32 master weights (what DeepSpeed's bf16 optimizer keeps: bf16 weights and gradients, fp32 master,
+moments and gradient copy). The JSON holds the peak CUDA memory (allocated and reserved) against cluster.plan's
+estimate for the same shape, and tokens/s.
 
 Not yet run on a GPU: the figures it prints there are still to be recorded in bench/RESULTS.md.
 """
@@ -26,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from cluster.plan import GIB, RUNTIME_BYTES, Architecture, LearnerShape, learner_breakdown
+from learner.logprobs import token_logprobs
+
+ENTROPY_COEF = 0.001  # learner.grpo.entropy_coef's default: the entropy's gradient flows too, as in the learner
 
 QWEN25_15B = Architecture(layers=28, hidden=1536, intermediate=8960, heads=12, kv_heads=2, vocab=151936,
                           tie_embeddings=True)
@@ -62,27 +67,6 @@ def build_model(arch: Architecture, dtype: torch.dtype, device: torch.device) ->
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
-
-
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Log-probs of `targets` under the LM head for one chunk of positions (fp32 softmax)."""
-    logits = F.linear(hidden, weight).float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def chunked_token_logprobs(model: Qwen2ForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           chunk_tokens: int) -> torch.Tensor:
-    """Next-token log-probs (B, T-1); only one chunk's (chunk_tokens x vocab) logits exist at a time."""
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = input_ids[:, 1:].reshape(-1)
-    weight = model.lm_head.weight
-    pieces = [
-        checkpoint(_chunk_logprobs, hidden[start : start + chunk_tokens], weight,
-                   targets[start : start + chunk_tokens], use_reentrant=False)
-        for start in range(0, hidden.shape[0], chunk_tokens)
-    ]
-    return torch.cat(pieces).view(input_ids.shape[0], -1)
 
 
 def grpo_surrogate(logprobs: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -165,8 +149,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        logprobs = chunked_token_logprobs(model, batch["input_ids"], batch["attention_mask"], args.chunk_tokens)
-        loss = grpo_surrogate(logprobs, batch["old"], batch["advantages"], batch["loss_mask"])
+        logprobs, entropy = token_logprobs(model, batch["input_ids"], batch["attention_mask"], with_entropy=True,
+                                           chunk_tokens=args.chunk_tokens, entropy_grad=True)
+        mask = batch["loss_mask"]
+        loss = grpo_surrogate(logprobs, batch["old"], batch["advantages"], mask)
+        loss = loss - ENTROPY_COEF * (entropy * mask).sum() / mask.sum().clamp(min=1)
         backward(loss)
         step()
         if device.type == "cuda":
@@ -249,13 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps (the first warms up; tokens/s is over the rest)")
     parser.add_argument("--deepspeed", action="store_true", help="DeepSpeed engine instead of the plain loop")
     parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="one JSON line (the default; kept for scripts)")
+    parser.add_argument("--table", action="store_true", help="one 'key: value' line per figure instead of JSON")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --device cpu --tiny for the smoke run)", file=sys.stderr)
         return 2
     result = run(args)
-    if args.json:
+    if not args.table:
         print(json.dumps(result))
         return 0
     for key, value in result.items():

@@ -105,7 +105,10 @@ def measure(config_name: str, overrides: list[str], steps: int = 2) -> dict[str,
         step_peaks.append(_status_kib("VmHWM") * 1024.0 - baseline)
     engine.close()
     measured = max([init_peak, *step_peaks])
-    estimate = planned.estimate - RUNTIME_BYTES
+    # Like with like: the measured process is a LearnerEngine alone, without the weight sender whose buffers and
+    # communicator the plan counts on rank 0.
+    sync = sum(v for k, v in planned.breakdown.items() if k.startswith("weight-sync"))
+    estimate = planned.estimate - RUNTIME_BYTES - sync
     return {
         "config": config.name,
         "overrides": overrides,

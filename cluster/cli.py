@@ -18,8 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("retrieval_service.cli", "serve_main", "run the retrieval service"),
     "models": ("cluster.cli", "models_main", "prepare the offline policies (SmolLM2 conversion, tiny test policy)"),
     "config": ("cluster.cli", "config_main", "print a resolved config (preset + key=value overrides); --explain: every key"),
-    "plan": ("cluster.plan", "main", "memory estimate per role (learner rank, rollout engine, retrieval replica): "
-             "does CONFIG fit? [--json]"),
+    "plan": ("cluster.plan", "main", "memory estimate per role (learner rank, rollout engine, retrieval replica) "
+             "and placement on the launch files: does CONFIG fit? (exit 1 if not) [--json] [--launch FILE]"),
     "demo": ("cluster.demo", "main", "run the whole pipeline on this machine"),
     "train": ("cluster.train", "main", "train a policy (the job ray job submit runs): CONFIG [key=value ...] [--resume]"),
     "eval": ("cluster.eval", "main", "evaluate a policy on benchmark files: CONFIG --data FILE --out DIR"),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import difflib
+import importlib.util
 import json
 import textwrap
 import types
 import typing
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,6 +132,23 @@ class LoggingConfig(BaseModel):
         "a terminal.")
 
 
+class NodeGroupConfig(BaseModel):
+    """A group of identical nodes of the cluster, as Ray sees each one (for `research plan`'s placement check)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="Name shown in the plan (default: group<index>).")
+    count: int = Field(1, ge=1, description="Nodes in the group.")
+    cpus: float = Field(..., ge=0, description="Logical CPUs Ray gets on each node (ray start --num-cpus).")
+    gpus: float = Field(0.0, ge=0, description="GPUs on each node (ray start --num-gpus).")
+    memory_gib: float | None = Field(None, gt=0, description="RAM of each node in GiB (None = "
+                                     "hardware.host_memory_gib); Ray's memory resource is what its object store "
+                                     "(30 %, at most 200 GB) leaves.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources each node advertises "
+                                        "(ray start --resources), e.g. {learner_node: 8}.")
+    head: bool = Field(False, description="The group's first node is the Ray head (retrieval replicas avoid it).")
+
+
 class HardwareConfig(BaseModel):
     """The machines the job is meant for, as research plan needs them to say whether it fits; nothing else reads it."""
 
@@ -142,6 +161,15 @@ class HardwareConfig(BaseModel):
     )
     host_memory_gib: float | None = Field(
         None, gt=0, description="RAM of one node in GiB (p4d/p4de.24xlarge: 1152); None = this machine's RAM."
+    )
+    launch_files: list[str] = Field(
+        default_factory=list, description="Launch files (cluster/launch/...) the job is sized for: research plan "
+        "places its learner ranks, rollout actors and retrieval replicas on the nodes each one advertises and "
+        "checks that their GPUs have gpu_memory_gib (for the Slurm script: the smallest sbatch --nodes that fits).",
+    )
+    nodes: list[NodeGroupConfig] = Field(
+        default_factory=list, description="The cluster's node groups when it is none of the launch files: research "
+        "plan places the job on them too.",
     )
 
 
@@ -193,6 +221,14 @@ class JobConfig(BaseModel):
                              "trainer.max_staleness=0")
         return self
 
+    @model_validator(mode="after")
+    def _runnable(self) -> JobConfig:
+        """Refuse combinations every field of which is valid alone but that cannot run (cross_field_problems)."""
+        problems = cross_field_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def resolved_run_dir(self) -> Path:
         """run_dir, or runs/<name>-<timestamp> when unset, made absolute (actors on this node share the driver's
         view of it only through an absolute path: their working directory is Ray's, not ours)."""
@@ -200,6 +236,57 @@ class JobConfig(BaseModel):
             return Path(self.run_dir).expanduser().absolute()
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         return (Path("runs") / f"{self.name}-{stamp}").absolute()
+
+
+def cross_field_problems(config: JobConfig) -> list[str]:
+    """What makes a config unrunnable although every field is valid alone, one message per problem, each naming
+    the keys: these used to pass `research config` and `plan` and fail only once Ray and the engines had started."""
+    rollout, learner, engine = config.rollout, config.learner, config.rollout.engine
+    problems = []
+    if rollout.gpus_per_actor > 0 and rollout.gpus_per_actor != engine.tensor_parallel_size:
+        # vLLM starts one worker per tensor-parallel rank, each on its own GPU of the actor's reservation.
+        problems.append(f"rollout.engine.tensor_parallel_size={engine.tensor_parallel_size} needs "
+                        f"rollout.gpus_per_actor={engine.tensor_parallel_size} (got {rollout.gpus_per_actor:g}): "
+                        "each tensor-parallel worker takes one GPU of its actor's reservation")
+    if (learner.gpus_per_rank > 0) != (rollout.gpus_per_actor > 0):
+        # The weight broadcast is NCCL between GPUs or gloo between CPUs, never one side of each.
+        problems.append(f"learner.gpus_per_rank={learner.gpus_per_rank:g} and rollout.gpus_per_actor="
+                        f"{rollout.gpus_per_actor:g}: a GPU job reserves GPUs for both (learner ranks and rollout "
+                        "actors), a CPU job for neither")
+    if rollout.gpus_per_actor == 0 and engine.tensor_parallel_size > 1:
+        problems.append(f"rollout.engine.tensor_parallel_size={engine.tensor_parallel_size} on CPU "
+                        "(rollout.gpus_per_actor=0): tensor parallelism needs one GPU per worker")
+    longest = rollout.max_prompt_tokens + rollout.sampling.max_response_tokens
+    if engine.max_model_len < longest:
+        problems.append(f"rollout.engine.max_model_len={engine.max_model_len} is below rollout.max_prompt_tokens + "
+                        f"rollout.sampling.max_response_tokens = {longest}: the engine would refuse long prompts "
+                        "or cut responses short of their budget")
+    if rollout.group_size < 2:
+        problems.append(f"rollout.group_size={rollout.group_size}: GRPO's advantage is a sample's reward against "
+                        "its group's, so with one sample per prompt every advantage is 0 and nothing is learnt")
+    for index, url in enumerate(config.retrieval.urls):
+        problem = url_problem(url)
+        if problem:
+            problems.append(f"retrieval.urls[{index}] = {url!r}: {problem}")
+    return problems
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` is not a usable http(s)://host[:port][/path] service address, or None when it is."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as err:
+        return str(err)
+    if parts.scheme not in ("http", "https"):
+        return "not an http:// or https:// URL"
+    if not parts.hostname:
+        return "no host"
+    if port == 0:
+        return "port 0"
+    if parts.query or parts.fragment:
+        return "a query or fragment has no place in a service address"
+    return None
 
 
 def _section_model(field: FieldInfo) -> type[BaseModel] | None:
@@ -270,8 +357,12 @@ def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"])
-        if problem["type"] == "extra_forbidden":
+        if not key:  # a model validator's message names its keys itself; the input would be the whole config
+            lines.append(str(problem["msg"]).removeprefix("Value error, "))
+        elif problem["type"] == "extra_forbidden":
             lines.append(f"unknown config key '{key}'{suggest_key(key)}")
+        elif isinstance(problem.get("input"), dict):  # a section's own validator: its message says what is wrong
+            lines.append(f"config key '{key}': {str(problem['msg']).removeprefix('Value error, ')}")
         else:
             lines.append(f"config key '{key}': {problem['msg']} (got {problem.get('input')!r})")
     return "; ".join(lines)
@@ -289,16 +380,37 @@ def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
         raise ConfigError(_format_validation_error(err)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Load a YAML preset (a path, or a name under configs/) and apply `key=value` overrides."""
-    path = resolve_preset(path)
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """The mapping of `node`; a ConstructorError names a repeated key and both of its lines."""
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (lines {seen[key]} and {line})", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """The YAML document of a config file, refusing duplicate keys; a ConfigError names the file and the key."""
     try:
         with open(path, encoding="utf-8") as handle:
-            tree = yaml.safe_load(handle) or {}
+            return yaml.load(handle, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read config file {path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load a YAML preset (a path, or a name under configs/) and apply `key=value` overrides."""
+    path = resolve_preset(path)
+    tree = load_yaml(path) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(tree).__name__}")
     tree.setdefault("name", path.stem)
@@ -377,8 +489,10 @@ def explain_config(config: BaseModel, prefix: str = "") -> str:
 
 
 def _json_safe(value: Any) -> Any:
-    """A field value as JSON sees it (tuples become lists)."""
-    return list(value) if isinstance(value, tuple) else value
+    """A field value as JSON sees it (tuples become lists, models such as hardware.nodes' groups dicts)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return [_json_safe(item) for item in value] if isinstance(value, list | tuple) else value
 
 
 def sections_help() -> str:
@@ -397,8 +511,18 @@ def sections_help() -> str:
     ])
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Whether a model reference names a local directory rather than a hub id ('org/name') or a built-in name:
+    an absolute, ~ or ./ path, more than one '/', or an 'a/b' whose 'a' is a directory here."""
+    if name_or_path.startswith(("/", "~", "./", "../")) or name_or_path.count("/") > 1:
+        return True
+    head = name_or_path.split("/", 1)[0]
+    return "/" in name_or_path and Path(head).is_dir()
+
+
 def check_paths(config: JobConfig, data: bool = True) -> None:
-    """Refuse, before anything starts, local paths the config names that do not exist (data files, index_dir)."""
+    """Refuse, before anything starts, what the config names that this machine lacks: data files, index_dir, a
+    local policy or tokenizer directory, the wandb package when logging.wandb_project is set."""
     paths = [("data.train_files", f) for f in config.data.train_files] if data else []
     paths += [("data.val_files", f) for f in config.data.val_files] if data else []
     for key, path in paths:
@@ -406,3 +530,13 @@ def check_paths(config: JobConfig, data: bool = True) -> None:
             raise ConfigError(f"config key '{key}': no such file {path}")
     if config.retrieval.index_dir and not Path(config.retrieval.index_dir).is_dir():
         raise ConfigError(f"config key 'retrieval.index_dir': no such directory {config.retrieval.index_dir}")
+    policy = config.policy
+    if looks_local(policy.name_or_path) and not (Path(policy.name_or_path).expanduser() / "config.json").is_file():
+        raise ConfigError(f"config key 'policy.name_or_path': {policy.name_or_path} is a local path but holds no "
+                          "model (no config.json there); a hub id is written org/name")
+    if policy.tokenizer and looks_local(policy.tokenizer) and not Path(policy.tokenizer).expanduser().is_dir():
+        raise ConfigError(f"config key 'policy.tokenizer': no such directory {policy.tokenizer}")
+    if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        # Checked here: the metrics logger imports wandb only after every engine and rank has started.
+        raise ConfigError(f"config key 'logging.wandb_project' is {config.logging.wandb_project!r} but wandb is not "
+                          "installed: pip install -e '.[wandb]', or unset the key")

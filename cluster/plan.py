@@ -1,4 +1,5 @@
-"""`research plan CONFIG`: will the job fit? A memory estimate per role against the memory the config states.
+"""`research plan CONFIG`: will the job fit? A memory estimate per role against the memory the config states, and
+the placement of every rank, actor and replica on the launch files' nodes; exit code 1 when anything does not fit.
 
 Pure arithmetic on the config and the model's architecture: nothing is built, loaded or downloaded, and torch is
 not imported. Roles and what each estimate counts (all in GiB = 2**30 bytes):
@@ -31,7 +32,14 @@ learner rank (one DeepSpeed rank; capacity = gpus_per_rank x hardware.gpu_memory
                     Without checkpointing the log-prob stage adds to all saved activations (both live at the end
                     of forward); with it, the peak is the larger of it and the recomputed layer with its gradients.
                     Checked on CPU against real learner steps: bench/plan_check.py, bench/RESULTS.md.
+    lm head grad    the LM head's whole weight gradient before ZeRO reduces it: vocab x hidden x (4 + p) with the
+                    chunked head (learner.logprobs sums it in fp32, then casts it to the dtype; both alive), x p
+                    with whole logits (autograd's); part of the log-prob stage's peak.
     runtime         1 GiB: CUDA context and NCCL buffers on GPU; the Python/torch process on CPU.
+    weight sync     rank 0 only (the plan reports rank 0, the fullest): the sender's two buffers of the largest
+                    bucket, max(weight_sync_bucket_mb, the largest tensor) in the dtype, kept between syncs
+                    (learner/weight_sender.WeightSender), and on GPU the NCCL communicator's buffers (0.5 GiB, an
+                    upper estimate).
 
 rollout engine (one vLLM engine; on GPU each of its tensor_parallel_size GPUs, capacity = gpu_memory_utilization x
 GPU memory; on CPU capacity = host RAM)
@@ -41,6 +49,13 @@ GPU memory; on CPU capacity = host RAM)
     KV cache        per token 2 x L x max(1, kv_heads/tp) x head_dim x p; the engine's share is what remains of the
                     capacity (GPU) or engine.cpu_kvcache_gb (CPU). The estimate counts one max_model_len sequence
                     (vLLM refuses to start without it); the breakdown tells how many tokens and sequences fit.
+    weight sync     on GPU, outside vLLM's budget, so within the (1 - gpu_memory_utilization) it leaves: every
+                    worker receives whole buckets (one largest bucket) over its own NCCL communicator (0.5 GiB).
+
+placement (cluster/placement.py)
+    every learner rank, rollout actor and retrieval replica with the CPUs, GPUs, memory and custom resources its
+    section asks Ray for, packed onto the nodes of each launch file in hardware.launch_files (or --launch) and of
+    hardware.nodes; a launch file's GPUs must have hardware.gpu_memory_gib.
 
 retrieval replica (one service process, host RAM)
     index           ntotal x bytes per vector of the faiss factory (Flat: dim x 4), from the index dir's meta.json,
@@ -63,6 +78,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cluster.config import JobConfig
+    from cluster.placement import Placement
 
 GIB = float(2**30)
 RUNTIME_BYTES = 1.0 * GIB
@@ -71,6 +87,9 @@ REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size
 PREFETCH_BUCKET_ELEMENTS = 50_000_000  # learner.engine.deepspeed_config: stage3_prefetch_bucket_size
 LOGPROB_COPIES = 3  # fp32 (chunk x vocab) tensors alive at once in token_logprobs' forward/backward
 VLLM_PROFILE_TOKENS = 8192  # tokens of vLLM's profiling forward (its default max_num_batched_tokens)
+# NCCL's buffers of one communicator: NCCL_BUFFSIZE (4 MiB) per channel and peer, up to 32 channels on NVLink, plus
+# its proxy and work FIFOs; an upper estimate, not measured.
+NCCL_COMMUNICATOR_BYTES = 0.5 * GIB
 WIKI18_PASSAGES = 21_015_324  # wiki-18 (DPR's 100-word split), the index of the paper presets
 
 
@@ -173,25 +192,52 @@ def _tiny_architecture() -> Architecture:
                         tie_embeddings=True)
 
 
-def resolve_architecture(name_or_path: str) -> Architecture:
-    """A policy's Architecture from a local directory's config.json, the built-in policies or the known hub ids."""
+def hf_cached_config(repo_id: str) -> Path | None:
+    """The config.json of a hub model already in the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub), or None; nothing is downloaded."""
+    if repo_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cache = os.environ.get("HF_HUB_CACHE") or str(
+        Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache)
+    return Path(found) if isinstance(found, str) else None  # None or the "known absent" sentinel otherwise
+
+
+def architecture_and_source(name_or_path: str) -> tuple[Architecture, str]:
+    """A policy's Architecture and where it came from: a local directory's config.json, the Hugging Face cache's,
+    the built-in policies, or (offline fallback) the public numbers of the hub ids the presets name."""
     from cluster import models
 
     if name_or_path == models.TINY_NAME:
-        return _tiny_architecture()
+        return _tiny_architecture(), "built-in tiny policy"
     if name_or_path == models.SMOLLM2_NAME:
         converted = models.cache_root() / "models" / models.SMOLLM2_NAME / "config.json"
-        return architecture_from_config_json(converted) if converted.is_file() else KNOWN_ARCHITECTURES[name_or_path]
-    local = Path(name_or_path) / "config.json"
+        if converted.is_file():
+            return architecture_from_config_json(converted), str(converted)
+        return KNOWN_ARCHITECTURES[name_or_path], "built-in table"
+    local = Path(name_or_path).expanduser() / "config.json"
     if local.is_file():
-        return architecture_from_config_json(local)
+        return architecture_from_config_json(local), str(local)
+    cached = hf_cached_config(name_or_path)
+    if cached is not None:
+        return architecture_from_config_json(cached), str(cached)
     known = KNOWN_ARCHITECTURES.get(name_or_path.lower())
     if known is None:
         raise PlanError(
-            f"unknown model {name_or_path!r}: give a local directory with a config.json (known hub ids: "
-            f"{', '.join(sorted(KNOWN_ARCHITECTURES))})"
+            f"unknown model {name_or_path!r}: give a local directory with a config.json, download it into the "
+            f"Hugging Face cache (huggingface-cli download {name_or_path} config.json), or use one of "
+            f"{', '.join(sorted(KNOWN_ARCHITECTURES))}"
         )
-    return known
+    return known, "built-in table (not in the Hugging Face cache)"
+
+
+def resolve_architecture(name_or_path: str) -> Architecture:
+    """A policy's Architecture (see architecture_and_source)."""
+    return architecture_and_source(name_or_path)[0]
 
 
 def encoder_size(name_or_path: str) -> tuple[int, int]:
@@ -264,6 +310,15 @@ class LearnerShape:
     checkpointing: bool
     reference: bool
     chunk_tokens: int | None  # None = whole micro-batch
+    sync_buffer_bytes: float = 0.0  # rank 0: the weight sender's two bucket buffers, kept between syncs
+    communicator_bytes: float = 0.0  # rank 0: the weight-sync group's NCCL communicator
+
+
+def largest_bucket_bytes(arch: Architecture, p: int, bucket_mb: float) -> float:
+    """Bytes of the largest weight-sync bucket: bucket_mb MiB, or the largest tensor (the embedding or the untied
+    LM head, vocab x hidden) when it is larger, since a tensor travels whole (weight_transfer/wire.make_manifest);
+    never more than the whole model (the buffers are sized to the largest bucket there is)."""
+    return min(float(p * arch.params), max(bucket_mb * 2**20, float(p * arch.vocab * arch.hidden)))
 
 
 def layer_activation_bytes_per_token(arch: Architecture, p: int) -> float:
@@ -289,6 +344,10 @@ def learner_breakdown(shape: LearnerShape, micro_batch: int) -> tuple[dict[str, 
     if shape.reference:
         parts["reference policy"] = p * n_params / (w if stage == 3 else 1)
     parts["runtime"] = RUNTIME_BYTES
+    if shape.sync_buffer_bytes:
+        parts["weight-sync buffers (rank 0)"] = shape.sync_buffer_bytes
+    if shape.communicator_bytes:
+        parts["weight-sync communicator (rank 0)"] = shape.communicator_bytes
 
     tokens, mask = micro_batch * shape.seq_len, micro_batch * shape.seq_len**2
     # SDPA turns the padded batch's boolean mask into an additive one per call and saves it: p bytes per T^2 entry.
@@ -298,6 +357,11 @@ def learner_breakdown(shape: LearnerShape, micro_batch: int) -> tuple[dict[str, 
     checkpointed_inputs = a.layers * p * a.hidden * tokens + edges
     chunk = tokens if shape.chunk_tokens is None else min(shape.chunk_tokens, tokens)
     logprobs = LOGPROB_COPIES * chunk * a.vocab * 4
+    # The LM head's whole weight gradient exists before ZeRO reduces it: the chunked head (learner.logprobs) sums
+    # it in fp32 and casts it to the weight's dtype at the end (both alive then); autograd's is in the dtype.
+    head_grad = (4 + (p if p < 4 else 0)) * a.vocab * a.hidden if shape.chunk_tokens is not None else p * a.vocab * a.hidden
+    parts["lm head weight gradient"] = head_grad
+    logprobs += head_grad
     # Backward holds a layer's activation gradients while that layer's saved tensors are alive: one more layer.
     if shape.checkpointing:
         parts["activations (checkpointed layer inputs)"] = checkpointed_inputs
@@ -307,8 +371,8 @@ def learner_breakdown(shape: LearnerShape, micro_batch: int) -> tuple[dict[str, 
         parts["activations (all layers)"] = full
         parts["activation gradients (one layer)"] = per_layer
         dynamic = full + per_layer + logprobs
-    parts["log-probs"] = logprobs
-    static = sum(v for k, v in parts.items() if not k.startswith(("activation", "log-probs")))
+    parts["log-probs"] = logprobs - head_grad
+    static = sum(v for k, v in parts.items() if not k.startswith(("activation", "log-probs", "lm head")))
     figures = {"without_checkpointing": full + per_layer, "with_checkpointing": checkpointed_inputs + 2 * per_layer}
     return parts, static + dynamic, figures
 
@@ -362,9 +426,15 @@ def plan_learner(config: JobConfig, arch: Architecture, chunk_tokens: int | None
         arch=arch, seq_len=_seq_len(config), zero_stage=learner.zero_stage, world_size=learner.world_size,
         p=dtype_bytes(learner.dtype, on_gpu), checkpointing=learner.gradient_checkpointing,
         reference=learner.grpo.kl_coef > 0, chunk_tokens=chunk_tokens,
+        # Rank 0 alone sends the weights: two buffers of the largest bucket (in the training dtype) stay allocated
+        # between syncs (learner/weight_sender.WeightSender._buffer), plus the NCCL communicator's buffers on GPU.
+        sync_buffer_bytes=2 * largest_bucket_bytes(arch, dtype_bytes(learner.dtype, on_gpu),
+                                                   learner.weight_sync_bucket_mb),
+        communicator_bytes=NCCL_COMMUNICATOR_BYTES if on_gpu else 0.0,
     )
     if on_gpu:
-        capacity, per = max(learner.gpus_per_rank, 1.0) * _gpu_bytes(config), f"{max(learner.gpus_per_rank, 1):g} GPU"
+        capacity = max(learner.gpus_per_rank, 1.0) * _gpu_bytes(config)
+        per = f"{max(learner.gpus_per_rank, 1):g} GPU, rank 0"
     else:
         capacity, per = _host_bytes(config), "host"
     parts, peak, figures = learner_breakdown(shape, learner.micro_batch_size)
@@ -419,10 +489,20 @@ def plan_rollout(config: JobConfig, arch: Architecture) -> RolePlan:
         notes.append(f"{kv_tokens // engine.max_model_len} of max_num_seqs={engine.max_num_seqs} max-length "
                      "sequences fit at once; vLLM queues or preempts the rest")
     static = sum(parts.values())
+    outside: dict[str, float] = {}
     if on_gpu:
         estimate = static + one_sequence
         parts["kv cache (one max-length sequence)"] = one_sequence
-        fits = kv_tokens >= engine.max_model_len
+        # Allocated outside vLLM's budget, so they must fit in the (1 - gpu_memory_utilization) it leaves: every
+        # worker, tensor-parallel ones included, receives whole buckets (actors/weight_receiver.research_load_weights)
+        # over its own NCCL communicator.
+        outside = {"weight-sync receive buffer": largest_bucket_bytes(arch, p, config.learner.weight_sync_bucket_mb),
+                   "weight-sync communicator": NCCL_COMMUNICATOR_BYTES}
+        left = (1.0 - engine.gpu_memory_utilization) * _gpu_bytes(config)
+        fits = kv_tokens >= engine.max_model_len and sum(outside.values()) <= left
+        if sum(outside.values()) > left:
+            notes.append(f"the weight-sync receive buffer and communicator ({sum(outside.values()) / GIB:.2f} GiB) "
+                         f"do not fit in the {left / GIB:.2f} GiB gpu_memory_utilization leaves")
     else:
         parts["kv cache (cpu_kvcache_gb)"] = kv_cache
         estimate = static + kv_cache
@@ -439,6 +519,7 @@ def plan_rollout(config: JobConfig, arch: Architecture) -> RolePlan:
             "kv_tokens_wanted": wanted,
             "max_length_sequences": kv_tokens // engine.max_model_len,
             "capacity_is": "gpu_memory_utilization x GPU memory" if on_gpu else "host RAM",
+            "outside_vllm_budget_gib": {k: round(v / GIB, 3) for k, v in outside.items()},
         },
         notes=notes,
     )
@@ -500,12 +581,13 @@ TIGHT = 0.9  # an estimate above this share of the capacity leaves little for al
 
 def plan(config: JobConfig, chunk_tokens: int | None = None) -> dict[str, RolePlan]:
     """Every role's plan for a JobConfig."""
-    arch = resolve_architecture(config.policy.name_or_path)
+    arch, source = architecture_and_source(config.policy.name_or_path)
     plans = {
         "learner_rank": plan_learner(config, arch, chunk_tokens),
         "rollout_engine": plan_rollout(config, arch),
         "retrieval_replica": plan_retrieval(config),
     }
+    plans["learner_rank"].extra["architecture_source"] = source
     for role in plans.values():
         if role.fits and role.estimate > TIGHT * role.capacity:
             role.notes.append(f"tight: the estimate is {role.estimate / role.capacity:.0%} of the capacity, and "
@@ -513,17 +595,50 @@ def plan(config: JobConfig, chunk_tokens: int | None = None) -> dict[str, RolePl
     return plans
 
 
-def format_plan(config: JobConfig, plans: dict[str, RolePlan]) -> str:
-    """A readable table: one line per role, then each role's breakdown."""
+def check_placement(config: JobConfig, plans: dict[str, RolePlan],
+                    launch_files: list[str] | None = None) -> list[Placement]:
+    """Whether the job's units can be placed: on each launch file (default hardware.launch_files) and on
+    hardware.nodes when set. A retrieval replica asks Ray for its index's memory (the plan's index bytes)."""
+    from cluster.placement import check_hardware_nodes, check_launch_file
+
+    index_bytes = plans["retrieval_replica"].breakdown["index"]
+    names = config.hardware.launch_files if launch_files is None else launch_files
+    verdicts = [check_launch_file(config, name, index_bytes) for name in names]
+    if config.hardware.nodes:
+        verdicts.append(check_hardware_nodes(config, index_bytes))
+    return verdicts
+
+
+def format_placement(verdicts: list[Placement]) -> list[str]:
+    """Lines of the placement section: one per source, its node groups' roles, and every problem."""
+    if not verdicts:
+        return ["", "placement: not checked (no hardware.launch_files, hardware.nodes or --launch)"]
+    lines = ["", "placement (learner ranks, rollout actors, retrieval replicas on the nodes each source offers):"]
+    for verdict in verdicts:
+        note = f", {verdict.note}" if verdict.note else ""
+        lines.append(f"  {verdict.source}: {'yes' if verdict.fits else 'NO'} ({verdict.nodes} nodes, "
+                     f"{verdict.gpus:g} GPUs{note})")
+        for group, roles in verdict.hosted.items():
+            lines.append(f"    {group}: " + ", ".join(f"{count} {role}{'s' if count != 1 else ''}"
+                                                    for role, count in roles.items()))
+        lines += [f"    problem: {problem}" for problem in verdict.problems]
+    return lines
+
+
+def format_plan(config: JobConfig, plans: dict[str, RolePlan], brief: bool = False) -> str:
+    """A readable table: one line per role, then (unless `brief`) each role's breakdown."""
     hardware = config.hardware
     where = f"{hardware.gpu or 'GPU'} {hardware.gpu_memory_gib:g} GiB" if _on_gpu(config) else "CPU"
     host = f"{hardware.host_memory_gib:g}" if hardware.host_memory_gib else f"{host_memory_bytes() / GIB:.1f} (this machine)"
-    lines = [f"research plan: {config.name} on {where}, host RAM {host} GiB", ""]
-    lines.append(f"{'role':<18} {'count':>5}  {'per':<10} {'estimate GiB':>12} {'capacity GiB':>12}  fits")
+    lines = [f"research plan: {config.name} on {where}, host RAM {host} GiB",
+             f"model shape from {plans['learner_rank'].extra.get('architecture_source', '?')}", ""]
+    lines.append(f"{'role':<18} {'count':>5}  {'per':<14} {'estimate GiB':>12} {'capacity GiB':>12}  fits")
     for name, role in plans.items():
-        lines.append(f"{name:<18} {role.count:>5}  {role.per:<10} {role.estimate / GIB:>12.2f} "
+        lines.append(f"{name:<18} {role.count:>5}  {role.per:<14} {role.estimate / GIB:>12.2f} "
                      f"{role.capacity / GIB:>12.2f}  {'yes' if role.fits else 'NO'}")
     for name, role in plans.items():
+        if brief:
+            break
         lines += ["", f"{name}:"]
         lines += [f"  {part:<40} {value / GIB:>9.3f} GiB" for part, value in role.breakdown.items()]
         if name == "learner_rank":
@@ -554,16 +669,26 @@ def _one_line_error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`research plan CONFIG [key=value ...] [--json]`: per-role memory estimates and whether they fit."""
+    """`research plan CONFIG [key=value ...] [--json] [--launch FILE]`: per-role memory estimates and placement;
+    exit code 0 when everything fits, 1 when something does not, 2 on an error."""
+    import yaml
+
     from cluster.config import ConfigError, load_config
 
-    parser = argparse.ArgumentParser(prog="research plan", description="memory estimate per role: does CONFIG fit?")
+    parser = argparse.ArgumentParser(
+        prog="research plan", description="memory estimate per role and placement on the cluster: does CONFIG fit? "
+        "Exit code 0: it fits; 1: something does not fit; 2: an error.")
     parser.add_argument("config", help="a YAML file or a preset name under configs/")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides (e.g. hardware.gpu_memory_gib=80)")
-    parser.add_argument("--json", action="store_true", help='print {role: {"estimate_gib", "capacity_gib", "fits", ...}}')
+    parser.add_argument("--json", action="store_true",
+                        help='print {role: {"estimate_gib", "capacity_gib", "fits", ...}, "placement": [...]}')
     parser.add_argument("--logprob-chunk-tokens", type=int, default=None, metavar="N",
                         help="plan a learner that scores N tokens at a time (default: learner.logprob_chunk_tokens "
                         "when the config has it, else whole micro-batches)")
+    parser.add_argument("--brief", action="store_true", help="the verdict table and the placement only")
+    parser.add_argument("--launch", action="append", default=None, metavar="FILE",
+                        help="place the job on the nodes of this launch file (Ray cluster YAML, KubeRay RayJob, "
+                        "Slurm script) instead of hardware.launch_files; repeatable")
     parser.error = _one_line_error  # type: ignore[method-assign]
     args = parser.parse_intermixed_args(argv)
     try:
@@ -571,14 +696,19 @@ def main(argv: list[str] | None = None) -> int:
             raise PlanError("--logprob-chunk-tokens must be >= 1")
         config = load_config(args.config, args.overrides)
         plans = plan(config, args.logprob_chunk_tokens)
-    except (ConfigError, PlanError, OSError, ValueError) as err:
-        print(f"research plan: error: {err}", file=sys.stderr)
+        placement = check_placement(config, plans, args.launch)
+    except (ConfigError, PlanError, OSError, ValueError, KeyError, yaml.YAMLError) as err:
+        message = f"{type(err).__name__} {err}" if isinstance(err, KeyError) else str(err)
+        print(f"research plan: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({name: role.to_json() for name, role in plans.items()}, indent=1))
+        out: dict[str, Any] = {name: role.to_json() for name, role in plans.items()}
+        out["placement"] = [verdict.to_json() for verdict in placement]
+        print(json.dumps(out, indent=1))
     else:
-        print(format_plan(config, plans))
-    return 0
+        print(format_plan(config, plans, args.brief) + "\n" + "\n".join(format_placement(placement)))
+    fits = all(role.fits for role in plans.values()) and all(verdict.fits for verdict in placement)
+    return 0 if fits else 1
 
 
 if __name__ == "__main__":

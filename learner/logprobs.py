@@ -26,16 +26,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from learner.batch import TrainBatch
-from learner.config import LearnerConfig
+if TYPE_CHECKING:  # this module imports with torch alone: bench/gpu_check.py runs it where nothing else is installed
+    from learner.batch import TrainBatch
 
 # 1,024 tokens x 152,064 vocab x 4 bytes = 0.6 GB per fp32 chunk: enough rows for the matrix products to run at
-# full speed, small next to the 10.6 GB per fp32 copy of a whole 7B micro-batch.
-DEFAULT_CHUNK_TOKENS: int = LearnerConfig.model_fields["logprob_chunk_tokens"].default
+# full speed, small next to the 10.6 GB per fp32 copy of a whole 7B micro-batch. The default of
+# learner.logprob_chunk_tokens (tests/unit/test_logprobs.py holds them equal; importing the pydantic config here
+# would cost the torch-only import).
+DEFAULT_CHUNK_TOKENS: int = 1024
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:

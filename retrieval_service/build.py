@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +162,26 @@ def _assemble(out_dir: Path, build_dir: Path, num_shards: int, factory: str, dim
     return int(index.ntotal)
 
 
+def encoder_dim(model_dir: Path) -> int:
+    """Output dimension of a transformers encoder folder (its config.json's hidden_size), without loading it."""
+    raw = json.loads((model_dir / "config.json").read_text())
+    try:
+        return int(raw["hidden_size"])
+    except KeyError:
+        raise ValueError(f"{model_dir}/config.json has no hidden_size") from None
+
+
+def check_factory(factory: str, dim: int) -> None:
+    """A ValueError naming --factory when faiss' index_factory cannot build `factory` for `dim`-d vectors."""
+    try:
+        new_faiss_index(factory, dim)
+    except RuntimeError as err:  # faiss' C++ message: several lines with the source location
+        reason = next((line.strip() for line in str(err).splitlines() if "rror" in line), str(err).strip())
+        reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", reason)  # drop the C++ function and source line
+        raise ValueError(f"--factory {factory!r} is not a faiss index_factory string for {dim}-d vectors "
+                         f"(e.g. Flat, HNSW32, IVF4096,PQ64): {reason}") from None
+
+
 def build_index(
     corpus: str | Path,
     out_dir: str | Path,
@@ -177,6 +198,9 @@ def build_index(
     """Encode `corpus` into `out_dir`; returns its meta, or None when `max_new_shards` stopped it before assembly."""
     corpus, out_dir = Path(corpus), Path(out_dir)
     encoder_config = encoder_config or EncoderConfig()
+    # Before anything is encoded (21M passages take hours): a factory faiss cannot build fails now, not at assembly.
+    model_dir = resolve_encoder_path(encoder_config.name_or_path)
+    check_factory(factory, encoder_dim(model_dir))
     fingerprint = corpus_fingerprint(corpus)
     if (out_dir / META_FILE).is_file():
         done = IndexMeta.model_validate_json((out_dir / META_FILE).read_text())
@@ -231,7 +255,7 @@ def build_index(
     name = encoder_config.name_or_path
     meta = IndexMeta(
         encoder=name,
-        pooling=read_pooling(resolve_encoder_path(name)),
+        pooling=read_pooling(model_dir),
         e5_prefixes="e5" in name.lower(),
         dim=dim,
         factory=factory,
@@ -242,4 +266,87 @@ def build_index(
     _atomic_write_bytes(out_dir / META_FILE, meta.model_dump_json(indent=1).encode())
     if not keep_shards:
         shutil.rmtree(build_dir)
+    return meta
+
+
+ADOPT_SAMPLES = 8  # passages re-encoded to check an adopted index against our encoder
+ADOPT_MIN_COSINE = 0.99  # fp16 encoders and other BLAS builds differ in the third decimal; another encoder does not
+
+
+def describe_factory(index: faiss.Index) -> str:
+    """The index_factory string of a faiss index's type where it is one we plan for (Flat, HNSWm), else its class."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexFlat):
+        return "Flat"
+    if isinstance(index, faiss.IndexHNSWFlat):
+        return f"HNSW{index.hnsw.nb_neighbors(1)}"
+    return type(index).__name__
+
+
+def adopt_index(corpus: str | Path, out_dir: str | Path, encoder_config: EncoderConfig, faiss_file: str | Path,
+                progress: bool = True) -> IndexMeta:
+    """Make an index directory of a faiss index built elsewhere over `corpus` (row i = the corpus' passage i) with
+    the same encoder, instead of encoding 21M passages again. Checked before anything is written: the dimension,
+    the inner-product metric, the passage count, and ADOPT_SAMPLES passages re-encoded here against the vectors the
+    index stores (or, when it cannot reconstruct them, finding themselves in its top 10)."""
+    corpus, out_dir, faiss_file = Path(corpus), Path(out_dir), Path(faiss_file)
+    model_dir = resolve_encoder_path(encoder_config.name_or_path)
+    dim = encoder_dim(model_dir)
+    index = faiss.read_index(str(faiss_file), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    if index.d != dim:
+        raise ValueError(f"--faiss-index {faiss_file} holds {index.d}-d vectors; {encoder_config.name_or_path} "
+                         f"makes {dim}-d ones")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ValueError(f"--faiss-index {faiss_file} does not rank by inner product (faiss metric "
+                         f"{index.metric_type}); the service searches by inner product")
+    count = count_records(corpus)
+    if count != index.ntotal:
+        raise ValueError(f"--faiss-index {faiss_file} holds {index.ntotal} vectors but {corpus} {count} passages: "
+                         "not the same corpus")
+    rows = sorted({int(k * (count - 1) / max(1, ADOPT_SAMPLES - 1)) for k in range(ADOPT_SAMPLES)})
+    wanted = set(rows)
+    texts = {i: record.contents for i, record in enumerate(read_corpus(corpus)) if i in wanted}
+    ours = Encoder(encoder_config).encode_passages([texts[row] for row in rows])
+    normalized = True
+    try:
+        theirs = np.stack([index.reconstruct(row) for row in rows])
+    except RuntimeError:  # no direct map (IVF without one, PQ): each passage must find itself instead
+        _, found = index.search(np.ascontiguousarray(ours, dtype=np.float32), 10)
+        lost = [row for row, hits in zip(rows, found, strict=True) if row not in hits]
+        if lost:
+            raise ValueError(f"--faiss-index {faiss_file}: passages {lost} re-encoded with "
+                             f"{encoder_config.name_or_path} do not find themselves in its top 10: another encoder, "
+                             "prefix or passage order") from None
+    else:
+        norms = np.linalg.norm(theirs, axis=1)
+        cosine = (ours * theirs).sum(axis=1) / np.maximum(norms * np.linalg.norm(ours, axis=1), 1e-12)
+        if cosine.min() < ADOPT_MIN_COSINE:
+            raise ValueError(f"--faiss-index {faiss_file}: row {rows[int(cosine.argmin())]} re-encoded with "
+                             f"{encoder_config.name_or_path} has cosine {cosine.min():.3f} to the stored vector: "
+                             "another encoder, prefix, pooling or passage order")
+        normalized = bool(np.allclose(norms, 1.0, atol=1e-2))
+    del index
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / INDEX_FILE
+    if not target.exists():
+        try:
+            os.link(faiss_file, target)  # same filesystem: no second copy of a 64 GB file
+        except OSError:
+            shutil.copyfile(faiss_file, target)
+    offsets = [0]
+    tmp_docs = out_dir / (DOCS_FILE + ".tmp")
+    with tmp_docs.open("wb") as out, tqdm(total=count, unit="passage", desc="passages", disable=not progress) as bar:
+        for record in read_corpus(corpus):
+            line = (json.dumps({"id": record.id, "contents": record.contents}, ensure_ascii=False) + "\n").encode()
+            out.write(line)
+            offsets.append(offsets[-1] + len(line))
+            bar.update(1)
+    os.replace(tmp_docs, out_dir / DOCS_FILE)
+    np.save(out_dir / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+    name = encoder_config.name_or_path
+    meta = IndexMeta(encoder=name, pooling=read_pooling(model_dir), e5_prefixes="e5" in name.lower(), dim=dim,
+                     normalized=normalized, factory=describe_factory(faiss.read_index(str(target), faiss.IO_FLAG_MMAP
+                                                                                      | faiss.IO_FLAG_READ_ONLY)),
+                     corpus_path=str(corpus.resolve()), corpus_fingerprint=corpus_fingerprint(corpus), count=count)
+    _atomic_write_bytes(out_dir / META_FILE, meta.model_dump_json(indent=1).encode())
     return meta

@@ -97,6 +97,9 @@ def index_parser() -> tuple[argparse.ArgumentParser, ConfigFlags]:
     parser.add_argument("--out", required=True, help="index directory to write (rerun to resume)")
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--faiss-index", default=None, metavar="FILE",
+                        help="adopt a faiss index built elsewhere over this corpus (row i = passage i) with the same "
+                        "encoder instead of encoding: checked on re-encoded sample passages, then linked or copied")
     flags.add(IndexBuildConfig, "build")
     flags.add(EncoderConfig, "encoder", ["name_or_path", "batch_size", "passage_max_length", "device", "cpu_threads",
                                          "fp16"], names={"name_or_path": "--encoder", "passage_max_length": "--max-length"})
@@ -113,8 +116,20 @@ def index_main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         return _fail(parser, error)
 
-    from retrieval_service.build import build_index
+    from retrieval_service.build import adopt_index, build_index
 
+    if args.no_progress:  # transformers' own "Loading weights" bar too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if args.faiss_index:
+        try:
+            meta = adopt_index(args.corpus, args.out, encoder, args.faiss_index, progress=not args.no_progress)
+        except (ValueError, OSError, RuntimeError) as error:  # RuntimeError: faiss cannot read the file
+            return _fail(parser, error)
+        print(f"research index: adopted {args.faiss_index} ({meta.count} passages, {meta.dim}-d, {meta.factory}, "
+              f"encoder {meta.encoder}) -> {args.out}")
+        return 0
     if build.ray_actors > 0:
         import ray
 

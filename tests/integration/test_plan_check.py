@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,12 +45,58 @@ def test_gpu_check_smoke_on_cpu() -> None:
     assert result["estimate_gib"] > 0 and result["peak_rss_gib"] > 0
 
 
-def test_chunked_logprobs_match_the_whole_softmax() -> None:
-    from bench.gpu_check import TINY, build_model, chunked_token_logprobs, random_batch
+def test_gpu_check_scores_with_the_learners_chunked_head() -> None:
+    from bench import gpu_check
+    from bench.gpu_check import TINY, build_model, random_batch
+    from learner import logprobs
 
+    assert gpu_check.token_logprobs is logprobs.token_logprobs  # the learner's code, not a copy
     model = build_model(TINY, torch.float32, torch.device("cpu"))
     batch = random_batch(2, 8, 24, TINY.vocab, torch.device("cpu"))
-    chunked = chunked_token_logprobs(model, batch["input_ids"], batch["attention_mask"], chunk_tokens=7)
+    chunked, _ = gpu_check.token_logprobs(model, batch["input_ids"], batch["attention_mask"], chunk_tokens=7)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     whole = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    valid = batch["attention_mask"][:, 1:].bool()
+    torch.testing.assert_close(chunked[valid], whole[valid], atol=1e-5, rtol=0)
+
+
+def only_torch_and_transformers(site: Path) -> list[str]:
+    """Link into `site` the top-level modules of torch, transformers and what they require (no extras): a
+    site-packages holding nothing else. Returns the distributions linked."""
+    from importlib import metadata
+
+    todo, seen = ["torch", "transformers"], set()
+    while todo:
+        name = re.split(r"[\s<>=!~;\[(]", todo.pop(), maxsplit=1)[0].lower().replace("_", "-")
+        if name in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # an optional platform dependency this machine does not have
+        seen.add(name)
+        todo += [r for r in dist.requires or [] if "extra ==" not in r]
+        tops = {Path(str(f)).parts[0] for f in dist.files or []}  # packages, modules, their .dist-info
+        for top in tops:
+            source = Path(dist.locate_file(top))
+            if top.endswith(("__pycache__", "..")) or not source.exists() or top == "bin":
+                continue
+            target = site / top
+            if not target.exists():
+                target.symlink_to(source)
+    return sorted(seen)
+
+
+def test_gpu_check_needs_only_torch_and_transformers(tmp_path: Path) -> None:
+    # A GPU machine may have nothing but torch and transformers: run with a site-packages of only those (-S: the
+    # real one is not on the path) and the repository.
+    linked = only_torch_and_transformers(tmp_path)
+    assert "torch" in linked and not {"pyarrow", "ray", "deepspeed", "vllm", "faiss-cpu"} & set(linked)
+    done = subprocess.run([sys.executable, "-S", "-m", "bench.gpu_check", "--device", "cpu", "--tiny", "--steps", "1",
+                           "--chunk-tokens", "16"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": f"{REPO}:{tmp_path}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1  # one JSON line
+    result = json.loads(lines[0])
+    assert result["parameters"] == result["planned_parameters"] and result["loss"] == result["loss"]

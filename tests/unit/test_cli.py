@@ -230,3 +230,14 @@ def test_errors_exit_2_with_one_line_and_no_traceback(argv: list[str]) -> None:
                             timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     line = one_line_error(result.returncode, result.stderr)
     assert line.startswith(f"research {argv[0]}: error: ")
+
+
+def test_index_refuses_a_bad_factory_before_encoding(tmp_path: Path, capsys) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"id": "{i}", "contents": "passage {i}"}}\n' for i in range(3)))
+    for factory, reason in (("Bogus", "could not parse"), ("IVF16,PQ7", "multiple of")):
+        code, _, err = run(["index", "--corpus", str(corpus), "--out", str(tmp_path / "index"), "--factory", factory,
+                            "--no-progress"], capsys)
+        line = one_line_error(code, err)
+        assert f"--factory '{factory}'" in line and "384-d" in line and reason in line
+        assert not (tmp_path / "index" / "build").exists()  # nothing was encoded

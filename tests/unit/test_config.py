@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import CONFIGS_DIR, ConfigError, JobConfig, build_config, load_config, parse_override
+from cluster.config import (
+    CONFIGS_DIR,
+    ConfigError,
+    JobConfig,
+    build_config,
+    load_config,
+    looks_local,
+    parse_override,
+)
 
 PRESETS = sorted(CONFIGS_DIR.glob("*.yaml"))
 
@@ -180,3 +188,74 @@ def test_paper_presets_follow_the_reference_in_the_last_details() -> None:
     assert (others.rollout.sampling.finish_on, others.learner.grpo.micro_batch_weight, others.trainer.drop_last,
             others.retrieval.empty_query_result, others.eval.truncated_answer, others.rollout.prompt_template) == (
         "any-eos", "tokens", False, "invalid query", "keep", "base-bos")
+
+
+@pytest.mark.parametrize(("overrides", "keys"), [
+    # tensor parallel 4 on an actor that reserves 2 GPUs
+    (["rollout.engine.tensor_parallel_size=4"], ["rollout.engine.tensor_parallel_size", "rollout.gpus_per_actor"]),
+    # 0 GPUs per rollout actor on a GPU preset
+    (["rollout.gpus_per_actor=0"], ["learner.gpus_per_rank", "rollout.gpus_per_actor"]),
+    # a response budget the engine cannot hold
+    (["rollout.engine.max_model_len=4096"], ["rollout.engine.max_model_len", "rollout.max_prompt_tokens",
+                                              "rollout.sampling.max_response_tokens"]),
+    # one sample per prompt: every GRPO advantage is 0
+    (["rollout.group_size=1"], ["rollout.group_size"]),
+    (["retrieval.urls=[http://10.0.0.1:8000, 'localhost:8000']"], ["retrieval.urls[1]"]),
+    (["retrieval.urls=['http://10.0.0.1:99999']"], ["retrieval.urls[0]"]),
+    (["retrieval.urls=['ftp://10.0.0.1']"], ["retrieval.urls[0]"]),
+])
+def test_configs_that_cannot_run_are_one_line_errors_naming_the_keys(overrides: list[str], keys: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config("qwen2.5-7b-instruct", overrides)
+    message = str(caught.value)
+    assert "\n" not in message and "config key ''" not in message
+    assert "'name'" not in message and "policy" not in message  # not the whole config
+    for key in keys:
+        assert key in message
+
+
+def test_section_validator_errors_do_not_print_the_section() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config("test-tiny", ["retrieval.server.faiss_gpu=true"])
+    assert "retrieval.replica_gpus" in str(caught.value) and "'topk'" not in str(caught.value)
+
+
+def test_duplicate_yaml_keys_are_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("learner:\n  lr: 1.0e-6\n  zero_stage: 3\n  lr: 3.0e-6\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' \(lines 2 and 4\)"):
+        load_config(path)
+    path.write_text("learner: {lr: 1.0e-6}\nlearner: {zero_stage: 3}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'learner'"):
+        load_config(path)
+
+
+def test_local_policy_path_and_wandb_are_checked_before_ray_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import ray
+
+    from cluster.train import main
+
+    missing = tmp_path / "no-such-policy"
+    assert main(["test-tiny", f"policy.name_or_path={missing}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "policy.name_or_path" in err and str(missing) in err and len(err.splitlines()) == 1
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # 'models/policy' now names a directory here, not a hub id
+    assert looks_local("models/policy") and not looks_local("Qwen/Qwen2.5-7B") and not looks_local("tiny-random-qwen2")
+    assert main(["test-tiny", "policy.name_or_path=models/policy"]) == 2
+    assert "policy.name_or_path" in capsys.readouterr().err
+    if importlib.util.find_spec("wandb") is None:
+        assert main(["test-tiny", "logging.wandb_project=research"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "logging.wandb_project" in err and "pip install" in err and len(err.splitlines()) == 1
+    assert not ray.is_initialized()
+
+
+def test_explain_shows_a_list_of_node_groups() -> None:
+    from cluster.config import explain_config
+
+    text = explain_config(load_config("test-tiny", ["hardware.nodes=[{count: 2, cpus: 8, resources: {x: 1}}]"]))
+    assert 'hardware.nodes = [{"name": null, "count": 2, "cpus": 8.0' in text
