@@ -29,7 +29,7 @@ from learner.distributed import (
     load_model,
     resolve_dtype,
 )
-from learner.grpo import micro_batch_share, policy_loss
+from learner.grpo import GRPOLoss
 from learner.logprobs import batch_logprobs, token_logprobs
 
 # Token-weighted metrics summed over micro-batches and ranks, then divided by the token count.
@@ -62,6 +62,7 @@ class LearnerEngine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0),
         )
+        self.loss = GRPOLoss(config.grpo)
         self.reference = None
         if config.grpo.kl_coef > 0:
             from learner.reference import ReferencePolicy
@@ -118,17 +119,13 @@ class LearnerEngine:
             logprobs, entropy = token_logprobs(self.engine, micro.input_ids, micro.attention_mask, with_entropy=True,
                                                temperature=grpo.logit_temperature, entropy_grad=grpo.entropy_coef > 0,
                                                chunk_tokens=config.logprob_chunk_tokens)
-            loss, metrics = policy_loss(
+            loss, metrics = self.loss(
                 logprobs, old_logprobs[micro_start:micro_stop, : logprobs.shape[1]].to(self.device),
-                micro.advantages, micro.loss_mask, clip=grpo.clip, agg=grpo.agg, ref_logprobs=ref_logprobs,
-                kl_coef=grpo.kl_coef, clip_high=grpo.clip_high, kl_estimator=grpo.kl_estimator, entropy=entropy,
-                max_length=batch.max_response_length, entropy_coef=grpo.entropy_coef,
-                # the decoupled objective: old_logprobs are the recomputed proximal ones, corrected to the sampler
-                behaviour_logprobs=micro.behaviour_logprobs if grpo.decoupled else None,
+                micro.advantages, micro.loss_mask, ref_logprobs=ref_logprobs, entropy=entropy,
+                max_length=batch.max_response_length, behaviour_logprobs=micro.behaviour_logprobs,
             )
             tokens = float(micro.loss_mask.sum())
-            share = micro_batch_share(grpo.agg, grpo.micro_batch_weight, micro.loss_mask, micro.real,
-                                      batch.loss_mask[start:stop], batch.real[start:stop])
+            share = self.loss.share(micro.loss_mask, micro.real, batch.loss_mask[start:stop], batch.real[start:stop])
             self.engine.set_gradient_accumulation_boundary(index == len(micro_starts) - 1)
             # DeepSpeed averages gradients over ranks; scaling by the world size turns that into the global sum.
             self.engine.backward(loss * (share * self.world_size), scale_wrt_gas=False)

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import torch
 
+from learner.config import GRPOConfig
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 MICRO_BATCH_WEIGHTS = ("sequences", "tokens")
 KL_ESTIMATORS = ("k1", "k3")
@@ -247,3 +249,32 @@ def policy_loss(
         if behaviour_weight is not None:
             metrics["behaviour_weight"] = masked_mean(behaviour_weight, mask).item()
     return loss, metrics
+
+
+class GRPOLoss:
+    """The GRPO objective built once from its config (OpenRLHF's PolicyLoss pattern): called per micro-batch with
+    tensors only, and `share` weighs that micro-batch's loss within its mini-batch."""
+
+    def __init__(self, config: GRPOConfig) -> None:
+        self.config = config
+
+    def __call__(
+        self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+        ref_logprobs: torch.Tensor | None = None, entropy: torch.Tensor | None = None, max_length: int | None = None,
+        behaviour_logprobs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """`policy_loss` with this config's clip, aggregation, KL, entropy and decoupled settings."""
+        c = self.config
+        return policy_loss(
+            logprobs, old_logprobs, advantages, mask, clip=c.clip, agg=c.agg, ref_logprobs=ref_logprobs,
+            kl_coef=c.kl_coef, clip_high=c.clip_high, kl_estimator=c.kl_estimator, entropy=entropy,
+            max_length=max_length, entropy_coef=c.entropy_coef,
+            # the decoupled objective: old_logprobs are the recomputed proximal ones, corrected to the sampler
+            behaviour_logprobs=behaviour_logprobs if c.decoupled else None,
+        )
+
+    def share(self, micro_mask: torch.Tensor, micro_real: torch.Tensor, mini_mask: torch.Tensor,
+              mini_real: torch.Tensor) -> float:
+        """`micro_batch_share` with this config's aggregation and micro-batch weight."""
+        return micro_batch_share(self.config.agg, self.config.micro_batch_weight, micro_mask, micro_real, mini_mask,
+                                 mini_real)
