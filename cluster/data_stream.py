@@ -95,6 +95,13 @@ class PromptStream:
                 return PromptItem(index, self.epoch)
         return None
 
+    def can_issue(self) -> bool:
+        """Whether `next` would return a prompt now (without issuing it): one handed back, one left in this epoch's
+        order, or a new epoch once this one is all consumed."""
+        if self._requeued or (len(self._consumed) == self.epoch_size and self.epoch + 1 < self.epochs):
+            return True
+        return any(i not in self._consumed and i not in self._issued for i in self._order[self._cursor:])
+
     def requeue(self, item: PromptItem) -> None:
         """Hand back an issued prompt that was not trained on (actor removed or dead); it is issued again first.
         Idempotent: only an outstanding prompt can be handed back, so reporting one loss twice changes nothing."""

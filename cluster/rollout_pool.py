@@ -143,8 +143,6 @@ class RolloutPool:
         self.dropped: list[PromptItem] = []
         """Prompts dropped by dynamic sampling since the last `take` (their groups' rewards did not vary)."""
         self._drops_this_step = 0
-        self.dry = False
-        """The stream had nothing to issue at the producer's last round (the epochs are used up, for now)."""
         self.error: BaseException | None = None
         """What ended the producer, if it failed."""
 
@@ -241,12 +239,10 @@ class RolloutPool:
         self.error = None
         try:
             while True:
-                self.dry = False
                 while len(self.buffer) + len(self._pending) + self._training < window and self.dispatchable:
                     item = stream.next()
                     if item is None:
-                        self.dry = True  # until a failed prompt is requeued or a new epoch begins
-                        break
+                        break  # until a failed prompt is requeued or the epoch's last batch is trained
                     self._pending.add(self.dispatch(item, questions[item.index]))
                 self._changed.clear()
                 wake = asyncio.ensure_future(self._changed.wait())
@@ -264,7 +260,6 @@ class RolloutPool:
     async def _receive(self, finished: Finished, stream: PromptStream, batch_size: int, draws: int) -> None:
         if finished.batch is None:
             stream.requeue(finished.item)  # its rollout failed: the prompt goes round again
-            self.dry = False
             if finished.actor_died:
                 self.replace_dead(finished.actor_id)
                 await asyncio.to_thread(self.sync_weights)  # the replacement gets weights before any work
@@ -293,11 +288,13 @@ class RolloutPool:
             self.buffer = sorted((f for f in self.buffer if f not in stale), key=lambda f: f.version)
             if self.error is not None and not isinstance(self.error, asyncio.CancelledError):
                 raise self.error
-            if len(self.buffer) >= batch_size or (self.buffer and not self._pending and self.dry):
+            # The stream itself says whether more will come (the producer may not have run since the last step).
+            dry = not self._pending and not stream.can_issue()
+            if len(self.buffer) >= batch_size or (self.buffer and dry):
                 taken, self.buffer = self.buffer[:batch_size], self.buffer[batch_size:]
                 self._training, self._drops_this_step = len(taken), 0
                 return taken
-            if not self.buffer and not self._pending and self.dry:
+            if not self.buffer and dry:
                 return None
             if stale:
                 self._changed.set()  # requeued prompts: let the producer dispatch them

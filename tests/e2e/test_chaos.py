@@ -171,6 +171,8 @@ def test_sigterm_to_a_driver_with_its_own_ray_stops_everything_it_started(tmp_pa
             process.kill()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped"] == "SIGTERM" and summary["checkpoint"]
+    # the stop's checkpoint comes with a loadable export and the curves (as every checkpoint does)
+    assert (run_dir / "hf" / "config.json").is_file() and (run_dir / "curves.png").is_file()
     time.sleep(2)
     left = [cmd.parent.name for cmd in Path("/proc").glob("[0-9]*/cmdline")
             if any(f"session_{s}".encode() in cmd.read_bytes() for s in sessions)]

@@ -7,6 +7,10 @@ and the engine's logprobs of it equal the learner's within 1e-4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -124,10 +128,11 @@ def test_broadcast_into_vllm_matches_learner(
         group.shutdown()
 
 
-def test_pool_stamps_work_with_the_version_every_engine_holds(ray_cluster, policy_path: str,
+def test_pool_stamps_versions_and_replaces_an_engine_stuck_mid_sync(ray_cluster, policy_path: str,
                                                              retrieval_url: str) -> None:
     """The version dispatched work is stamped with moves only once every engine has loaded a sync: after a learner
-    update (learner version 1) and before the sync, work is still stamped 0, as the engine still holds 0."""
+    update (learner version 1) and before the sync, work is still stamped 0, as the engine still holds 0. Then an
+    engine that hangs during a sync is replaced and the sync completes."""
     from actors.config import EngineConfig, RolloutConfig
     from actors.prompts import Question
     from actors.rollout_actor import remote_rollout_actor
@@ -140,7 +145,8 @@ def test_pool_stamps_work_with_the_version_every_engine_holds(ray_cluster, polic
                             engine=EngineConfig(max_model_len=256, cpu_kvcache_gb=0.25, max_num_seqs=4))
     learner = LearnerGroup(config, policy_path)
     make_actor = remote_rollout_actor(policy_path, rollout, RetrievalConfig(urls=[retrieval_url]))
-    pool = RolloutPool(make_actor, learner, weight_sync_timeout_s=300, setup_timeout_s=300)
+    pool = RolloutPool(make_actor, learner, weight_sync_timeout_s=20, setup_timeout_s=300)
+    stuck: list[int] = []
 
     def stamped() -> set[int]:
         async def one() -> set[int]:
@@ -162,6 +168,24 @@ def test_pool_stamps_work_with_the_version_every_engine_holds(ray_cluster, polic
         result = pool.sync_weights()
         assert result["policy_version"] == pool.engine_version == 1 and engine_versions() == [1]
         assert stamped() == {1}
+
+        # A fault mid-sync: the engine's processes hang (SIGSTOP) after the driver found the actor alive. The
+        # learner's broadcast gives up at the deadline (gloo's timeout; NCCL's is the same rule by polling and
+        # aborting), the engine's load never answers and is judged stuck: that actor is killed and replaced, the
+        # group rebuilt, the sync retried, and the learner, alive, is not touched (no LearnerFailed).
+        learner.train_step(training_groups())
+        stuck = ray.get(next(iter(pool.slots.values())).handle.engine_pids.remote())
+        for pid in stuck:
+            os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        result = pool.sync_weights()
+        assert result["policy_version"] == pool.engine_version == 2 and engine_versions() == [2]
+        assert pool.replaced == 1 and len(pool.syncs) == 3
+        assert time.monotonic() - started > pool.weight_sync_timeout_s  # it waited for the deadline, not forever
+        assert stamped() == {2}
     finally:
+        for pid in stuck:  # the hung engine of the killed actor
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         stop_actors([slot.handle for slot in pool.slots.values()])
         learner.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pyarrow as pa
+import pytest
 
 from actors.trajectory import Trajectory, to_record_batch
 from cluster.data_stream import PromptItem, PromptStream
@@ -58,3 +59,21 @@ def test_sync_outcome_restores_a_learner_and_replaces_only_engines_that_died_or_
     assert sync_outcome({"rank0": "ok"}, {1: "stuck", 2: "ok"}) == (False, [1])
     assert sync_outcome({"rank0": "stuck", "rank1": "ok"}, {1: "failed"}) == (True, [])
     assert sync_outcome({"rank0": "gone"}, {1: "ok"})[0]
+
+
+def test_take_waits_at_an_epoch_boundary_and_ends_after_the_last_epoch() -> None:
+    """Right after the last batch of an epoch is trained, the next epoch is still to come (the producer may not have
+    run yet): `take` waits instead of ending the run; after the last epoch it returns None."""
+    pool, stream = RolloutPool(make_actor=None, learner=None), PromptStream(3, 2, seed=0)
+    for epoch in range(2):
+        for _ in range(3):
+            receive(pool, stream, [0.0, 1.0], draws=0)
+        assert not stream.can_issue()  # the epoch's last prompts are out: a partial batch may go
+        taken = asyncio.run(pool.take(2, 0, stream)) + asyncio.run(pool.take(2, 0, stream))
+        assert len(taken) == 3
+        pool.trained(taken, stream)
+        if epoch == 0:
+            assert stream.can_issue()
+            with pytest.raises(asyncio.TimeoutError):  # the next epoch comes: wait for it, do not stop
+                asyncio.run(asyncio.wait_for(pool.take(2, 0, stream), 0.2))
+    assert asyncio.run(pool.take(2, 0, stream)) is None
