@@ -57,7 +57,7 @@ def contains_answer(block: str, golden_answers: Sequence[str]) -> bool:
     return any(answer.lower() in text for answer in golden_answers if answer)
 
 
-def _records(files: Sequence[Path]) -> dict[str, Any]:
+def records_by_prompt_id(files: Sequence[Path]) -> dict[str, Any]:
     """{prompt id: QA record} as load_questions names them."""
     from qa.readers import read_records
 
@@ -104,7 +104,7 @@ def select_pool(config: JobConfig, questions: list[Question], files: Sequence[Pa
     if not pool_active(pool):
         report.kept = [q.prompt_id for q in questions]
         return list(questions), report
-    records = _records(files)
+    records = records_by_prompt_id(files)
     kept = list(questions)
 
     def keep(name: str, test: Any) -> None:
