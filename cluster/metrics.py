@@ -148,7 +148,7 @@ def plot_curves(run_dir: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
     for axis, (train_key, val_keys, title) in zip(axes, CURVES, strict=True):
         series = [(train_key, "train", "-o")]
-        series += [(key, "validation" if key == "val/reward" else key.removeprefix("val/"), "--s") for key in val_keys]
+        series += [(key, "validation (greedy)" if key == "val/reward" else key.removeprefix("val/"), "--s") for key in val_keys]
         for key, label, style in series:
             points = [(r["step"], r[key], r.get(f"{key}_ci_lo"), r.get(f"{key}_ci_hi")) for r in records
                       if r.get(key) is not None]
