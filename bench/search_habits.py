@@ -138,6 +138,7 @@ def probe(policy: str, config_name: str, hops: int, questions: int, group: int, 
         "correct_two_search_share": sum(correct_two) / len(correct_two),
         "entropy": -sum(logprobs) / max(len(logprobs), 1),
         "trajectories": len(trajectories), "seconds": seconds,
+        "response_tokens": sum(len(t["response_ids"]) for t in trajectories) / len(trajectories),
         "examples": [t["response_text"] for t in trajectories if t["num_searches"] >= 2][:3],
     }
 
@@ -166,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     for searches, row in result["searches"].items():
         print(f"searches={searches} trajectories={row['trajectories']} mean_reward={row['mean_reward']:.3f}")
     print(f"mean_reward={result['mean_reward']:.3f} correct_two_search_share={result['correct_two_search_share']:.3f} "
-          f"entropy={result['entropy']:.3f} nats/token ({result['trajectories']} trajectories in "
-          f"{result['seconds']:.0f} s)")
+          f"entropy={result['entropy']:.3f} nats/token ({result['trajectories']} trajectories of "
+          f"{result['response_tokens']:.0f} response tokens on average in {result['seconds']:.0f} s)")
     return 0
 
 
