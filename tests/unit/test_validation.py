@@ -114,3 +114,24 @@ def test_validation_log_gives_the_learning_block_and_curves_show_the_interval(tm
     assert plot_curves(tmp_path).stat().st_size > 0
     summary = portable({"learning": block, "curves": str(tmp_path / "curves.png"), "other": "/elsewhere"}, tmp_path)
     assert summary["curves"] == "curves.png" and summary["other"] == "/elsewhere"
+
+
+def test_validation_questions_are_drawn_per_hop_count(tmp_path: Path) -> None:
+    """data.val_per_hop: that many questions of each hop count, seeded; asking for more than the file holds fails."""
+    from transformers import AutoTokenizer
+
+    from cluster.job_setup import load_questions
+    from cluster.models import tiny_policy_dir
+    from cluster.samples import question_hops
+    from qa.world import generate_world
+
+    generate_world(tmp_path, seed=0, num_passages=300, num_dev=30)
+    dev = [tmp_path / "dev.jsonl"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_dir())
+    drawn = load_questions(dev, tokenizer, "instruct", 512, sample_seed=0, per_hop={1: 3, 2: 12})
+    hops = question_hops(dev)
+    assert sorted(hops[q.prompt_id] for q in drawn) == [1] * 3 + [2] * 12
+    again = load_questions(dev, tokenizer, "instruct", 512, sample_seed=0, per_hop={1: 3, 2: 12})
+    assert [q.prompt_id for q in again] == [q.prompt_id for q in drawn]
+    with pytest.raises(ValueError, match="16 2-hop questions wanted"):
+        load_questions(dev, tokenizer, "instruct", 512, sample_seed=0, per_hop={2: 16})
