@@ -39,6 +39,25 @@ class PolicyConfig(BaseModel):
     tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; None = same as the policy.")
 
 
+class TrainPoolConfig(BaseModel):
+    """Which training questions GRPO samples (our addition; all of them by default, as in the paper). Filters need
+    question metadata the synthetic world writes (hops, supporting passages) and the real retrieval service
+    (cluster/train_pool.py); what was kept and why is written to run_dir/pool.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hops: list[int] = Field(default_factory=list, description="Keep only questions with these hop counts "
+                            "(metadata.hops); empty = every question.")
+    first_search_misses: bool = Field(False, description="Drop questions whose first search (the question itself as "
+                                      "the query, at retrieval.topk) already returns a golden answer: on those one "
+                                      "search earns full reward, so GRPO has no reason to prefer a second.")
+    second_search_finds: bool = Field(False, description="2-hop questions: keep only those a two-search trajectory "
+                                      "can answer: the first result names the bridge entity and a search for the "
+                                      "bridge by name returns a golden answer (the warm start's expert route).")
+    exclude_warm_start: bool = Field(False, description="Drop the questions the format warm start trained on, so RL "
+                                     "is measured on questions the policy never imitated.")
+
+
 class DataConfig(BaseModel):
     """Training and validation questions, in any format qa/ reads."""
 
@@ -50,6 +69,12 @@ class DataConfig(BaseModel):
     max_train_questions: int | None = Field(None, ge=1, description="Cap on training questions (None = all).")
     world_passages: int = Field(2000, ge=50, description="Corpus size of the synthetic world when one is generated.")
     world_seed: int = Field(0, description="Seed of the synthetic world.")
+    world_dev: int | None = Field(None, ge=1, description="Held-out (dev) questions the synthetic world draws, half "
+                                  "1-hop and half 2-hop; None = its default (a tenth of train, at most 500).")
+    val_per_hop: dict[int, int] = Field(default_factory=dict, description="Validation questions drawn (seeded) per "
+                                        "hop count, e.g. {1: 16, 2: 64}; replaces val_size when set (needs hops in "
+                                        "the questions' metadata, as the synthetic world writes).")
+    pool: TrainPoolConfig = Field(default_factory=TrainPoolConfig, description="Filters on the RL training pool.")
 
 
 class TrainerConfig(BaseModel):
@@ -66,6 +91,9 @@ class TrainerConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many policy updates (None = run all epochs).")
     max_staleness: int = Field(0, ge=0, description="Policy versions generation may run ahead of learning (0 = on-policy).")
     val_every: int = Field(10, ge=0, description="Greedy validation every K steps (0 = only before and after).")
+    val_samples: int = Field(0, ge=0, description="Besides the greedy one, trajectories sampled per validation "
+                             "question at the training temperature (val/*_sampled metrics, run_dir/validation.jsonl "
+                             "and the before/after 'learning' block of summary.json); 0 = greedy only.")
     save_every: int = Field(50, ge=0, description="Checkpoint every K steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk: older ones are deleted after each "
                                   "save (a 7B ZeRO-3 checkpoint is ~107 GB).")
@@ -99,6 +127,11 @@ class WarmStartConfig(BaseModel):
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate of the supervised steps.")
     cpus: float = Field(2.0, gt=0.0, description="CPUs (and so torch threads) of the warm-start learner; it runs "
                         "alone, before any rollout actor starts.")
+    held_out: int = Field(0, ge=0, description="Expert trajectories kept out of training: their NLL is measured "
+                          "after every step and decides when to stop (stop_nll); 0 = train every epoch.")
+    stop_nll: float = Field(0.0, ge=0.0, description="Stop once the held-out experts' token-mean NLL falls to this "
+                            "(nats/token): a floor that keeps the policy from collapsing onto the expert phrasing "
+                            "and so keeps sampling diverse for GRPO; 0 = no early stop.")
 
 
 class EvalConfig(BaseModel):

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def world_dir(config: JobConfig) -> Path:
     """The cached synthetic world (and its index) of this config's seed and size."""
-    return cache_root() / "worlds" / f"seed{config.data.world_seed}-n{config.data.world_passages}"
+    dev = f"-dev{config.data.world_dev}" if config.data.world_dev is not None else ""
+    return cache_root() / "worlds" / f"seed{config.data.world_seed}-n{config.data.world_passages}{dev}"
 
 
 def ensure_world(config: JobConfig) -> Path:
@@ -29,7 +30,8 @@ def ensure_world(config: JobConfig) -> Path:
 
     directory = world_dir(config)
     if not (directory / "world.json").is_file():
-        generate_world(directory, seed=config.data.world_seed, num_passages=config.data.world_passages)
+        generate_world(directory, seed=config.data.world_seed, num_passages=config.data.world_passages,
+                       num_dev=config.data.world_dev)
     return directory
 
 
@@ -55,16 +57,27 @@ def data_files(config: JobConfig) -> tuple[list[Path], list[Path]]:
 
 
 def load_questions(files: list[Path], tokenizer: Any, template: str, max_prompt_tokens: int,
-                   limit: int | None = None, sample_seed: int | None = None) -> list[Question]:
+                   limit: int | None = None, sample_seed: int | None = None,
+                   per_hop: dict[int, int] | None = None) -> list[Question]:
     """Read questions in any format qa/ reads and tokenise their prompts; over-long prompts are dropped and counted.
 
     With `sample_seed`, `limit` questions are drawn at random (the paper's 100-question validation subset);
-    otherwise the first `limit` are kept.
+    otherwise the first `limit` are kept. `per_hop` ({hops: count}, with `sample_seed`) draws that many questions of
+    each hop count (metadata.hops) instead, so a validation set can hold enough 2-hop questions to measure them.
     """
     from qa.readers import read_records
 
     records = [record for path in files for record in read_records(path)]
-    if sample_seed is not None and limit is not None and limit < len(records):
+    if per_hop:
+        rng, drawn = random.Random(sample_seed), []
+        for hops, count in sorted(per_hop.items()):
+            matching = [record for record in records if record.metadata.get("hops") == hops]
+            if len(matching) < count:
+                raise ValueError(f"{count} {hops}-hop questions wanted, {', '.join(map(str, files))} hold "
+                                 f"{len(matching)} (raise data.world_dev for the synthetic world)")
+            drawn += rng.sample(matching, count)
+        records = drawn
+    elif sample_seed is not None and limit is not None and limit < len(records):
         records = random.Random(sample_seed).sample(records, limit)
     elif limit is not None:
         records = records[:limit]

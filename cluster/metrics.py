@@ -13,11 +13,13 @@ import pyarrow as pa
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_PNG = "curves.png"
-# The curves a ReSearch practitioner watches (paper Fig. 3/4): reward, response length, search calls.
+# The curves a ReSearch practitioner watches (paper Fig. 3/4): reward, response length, search calls; with sampled
+# validation (trainer.val_samples) also the held-out 2-hop sampled reward and searches, the learning run's measure,
+# drawn with their bootstrap 95 % intervals (val/..._ci_lo, _ci_hi) where logged.
 CURVES = (
-    ("reward/mean", "val/reward", "reward"),
-    ("rollout/response_length", None, "response length (tokens)"),
-    ("rollout/searches", None, "searches per trajectory"),
+    ("reward/mean", ("val/reward", "val/reward_2hop_sampled"), "reward"),
+    ("rollout/response_length", (), "response length (tokens)"),
+    ("rollout/searches", ("val/searches_2hop_sampled",), "searches per trajectory"),
 )
 
 
@@ -139,23 +141,50 @@ def plot_curves(run_dir: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cluster.validation import learning_from_file
+
     records = read_metrics(run_dir)
+    learning = learning_from_file(run_dir)
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
-    for axis, (train_key, val_key, title) in zip(axes, CURVES, strict=True):
-        for key, label, style in ((train_key, "train", "-o"), (val_key, "validation", "--s")):
-            if key is None:
+    for axis, (train_key, val_keys, title) in zip(axes, CURVES, strict=True):
+        series = [(train_key, "train", "-o")]
+        series += [(key, "validation (greedy)" if key == "val/reward" else key.removeprefix("val/"), "--s") for key in val_keys]
+        for key, label, style in series:
+            points = [(r["step"], r[key], r.get(f"{key}_ci_lo"), r.get(f"{key}_ci_hi")) for r in records
+                      if r.get(key) is not None]
+            if not points:
                 continue
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            if points:
-                steps, values = zip(*points, strict=True)
+            steps, values, lows, highs = zip(*points, strict=True)
+            if all(v is not None for v in lows + highs):  # a bootstrap 95 % interval of the mean over questions
+                errors = [[v - lo for v, lo in zip(values, lows, strict=True)],
+                          [hi - v for v, hi in zip(values, highs, strict=True)]]
+                axis.errorbar(steps, values, yerr=errors, fmt=style, markersize=3, capsize=3, label=label + " (95% CI)")
+            else:
                 axis.plot(steps, values, style, markersize=3, label=label)
-        axis.set_title(title)
+        if learning is not None and train_key == "reward/mean":
+            low, high = learning["ci95"]
+            title += (f"\n2-hop sampled {learning['before']:.3f} -> {learning['after']:.3f}, "
+                      f"change 95% CI [{low:+.3f}, {high:+.3f}]")
+        axis.set_title(title, fontsize=9)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-        if val_key is not None:
-            axis.legend()
+        if val_keys:
+            axis.legend(fontsize=7)
     fig.tight_layout()
     out = Path(run_dir) / CURVES_PNG
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def portable(value: Any, run_dir: str | Path) -> Any:
+    """`value` (a summary: dicts, lists, strings) with paths inside run_dir made relative to it, so a committed
+    summary.json names no machine's directories."""
+    root = str(Path(run_dir).absolute())
+    if isinstance(value, dict):
+        return {key: portable(item, run_dir) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(item, run_dir) for item in value]
+    if isinstance(value, str) and (value == root or value.startswith(root + "/")):
+        return value[len(root) + 1:] or "."
+    return value

@@ -23,11 +23,13 @@ import ray
 
 from cluster.config import ConfigError, JobConfig, load_config
 from cluster.data_stream import PromptItem, PromptStream
-from cluster.metrics import MetricsLogger, batch_metrics, plot_curves, validation_metrics
+from cluster.metrics import MetricsLogger, batch_metrics, plot_curves, portable, validation_metrics
 from cluster.progress import ProgressLine, total_steps
 from cluster.rollout_pool import ACTOR_GONE, Finished, LearnerFailed, RolloutPool, overlapping, stop_actors
 from cluster.samples import ValidationSamples, question_hops
 from cluster.scale import requested_actors
+from cluster.train_pool import training_pool
+from cluster.validation import ValidationLog
 
 log = logging.getLogger("research.train")
 
@@ -99,8 +101,8 @@ class Trainer:
         self.train_questions = load_questions(train_files, tokenizer, rollout.prompt_template,
                                               rollout.max_prompt_tokens, config.data.max_train_questions)
         self.val_questions = load_questions(val_files, tokenizer, rollout.prompt_template, rollout.max_prompt_tokens,
-                                            config.data.val_size or None, sample_seed=config.seed)
-        self.stream = PromptStream.for_job(len(self.train_questions), config)
+                                            config.data.val_size or None, sample_seed=config.seed,
+                                            per_hop=config.data.val_per_hop)
 
         retrieval = config.retrieval
         self.replicas: list[Any] = []
@@ -116,6 +118,9 @@ class Trainer:
         # Our addition (off in the paper presets): supervised format warm start, cached; RL starts from its weights.
         self.policy_path = warm_start_policy(config, self.policy_path, urls, tokenizer,
                                              held_out=[q.text for q in self.val_questions])
+        # data.pool: which questions RL samples, filtered through the service (run_dir/pool.json)
+        self.train_questions = training_pool(config, self.train_questions, train_files, urls, self.policy_path, run_dir)
+        self.stream = PromptStream.for_job(len(self.train_questions), config)
         self.learner = self._start_learner()
         self.learner_restarts = 0
         self.stopping: str | None = None
@@ -135,6 +140,7 @@ class Trainer:
                                      run_name=config.name, config=config.model_dump(mode="json"))
         self.samples = ValidationSamples(run_dir, self.val_questions, tokenizer, rollout.prompt_template,
                                          config.logging.samples, question_hops(val_files))
+        self.validation = ValidationLog(run_dir, question_hops(val_files))
         self.progress = ProgressLine(total_steps(config.trainer, len(self.train_questions)), config.logging.progress)
         self.pool.sync_weights()
 
@@ -266,7 +272,8 @@ class Trainer:
         self.metrics.log(self.step, last_val)
         checkpoint = self.save()
         self.metrics.close()
-        return {"steps": self.step, "policy_version": self.learner.policy_version, "checkpoint": checkpoint,
+        return {"steps": self.step, "learning": self.validation.learning(),
+                "policy_version": self.learner.policy_version, "checkpoint": checkpoint,
                 "hf_export": self.hf_export, "curves": str(self.curves), "val_before": first_val, "val_after": last_val,
                 "rollout_actors_replaced": self.pool.replaced, "rollouts_failed": self.pool.failed,
                 "learner_restarts": self.learner_restarts, **self._sync_summary()}
@@ -362,10 +369,15 @@ class Trainer:
             return {}
         futures = [self.pool.dispatch(PromptItem(i, -1), q, sampling={"temperature": 0.0}, group_size=1)
                    for i, q in enumerate(self.val_questions)]
+        samples = self.config.trainer.val_samples  # and sampled at the training temperature (cluster/validation.py)
+        futures += [self.pool.dispatch(PromptItem(i, -1), q, group_size=samples)
+                    for i, q in enumerate(self.val_questions) if samples]
         results = await asyncio.gather(*futures)
-        batches = [r.batch for r in results if r.batch is not None]
+        batches = [r.batch for r in results[:len(self.val_questions)] if r.batch is not None]
+        sampled = [r.batch for r in results[len(self.val_questions):] if r.batch is not None]
         # sample trajectories to samples.jsonl / TensorBoard text, and per-hop means (val/searches_2hop ...)
-        return {**validation_metrics(batches), **self.samples.observe(self.step, batches, self.metrics)}
+        return {**validation_metrics(batches), **self.samples.observe(self.step, batches, self.metrics),
+                **self.validation.observe(self.step, batches, sampled)}
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def _resume(self, tag: str | None = None) -> None:
@@ -471,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(5):  # engine processes of stopped actors exit a moment after them, unmapping their segments
             free_orphaned_shm(min_age_s=2.0)
             time.sleep(1.0)
+    summary = portable(summary, run_dir)  # paths relative to run_dir: a committed summary names no machine's paths
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps(summary, indent=2, default=str))
     return 0

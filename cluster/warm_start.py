@@ -268,6 +268,25 @@ def masked_nll(logprobs: Any, table: pa.Table) -> float:
     return total / max(count, 1)
 
 
+def split_held_out(experts: list[ExpertTrajectory], count: int,
+                   seed: int) -> tuple[list[ExpertTrajectory], list[ExpertTrajectory]]:
+    """(trained, held out): `count` experts, drawn seeded across 1-hop and 2-hop ones, kept out of training to
+    measure the held-out NLL that stops the warm start; at least one expert is always trained on."""
+    if count <= 0:
+        return experts, []
+    if count >= len(experts):
+        raise ValueError(f"warm_start.held_out={count} leaves none of the {len(experts)} expert trajectories to train on")
+    order = list(range(len(experts)))
+    random.Random(seed + 1).shuffle(order)
+    held = set(order[:count])
+    return ([e for k, e in enumerate(experts) if k not in held], [e for k, e in enumerate(experts) if k in held])
+
+
+def should_stop(held_out_nll: float | None, stop_nll: float) -> bool:
+    """Whether the warm start stops now: the held-out experts' NLL reached the floor (no floor when 0)."""
+    return stop_nll > 0 and held_out_nll is not None and held_out_nll <= stop_nll
+
+
 def cache_key(config: JobConfig, policy_path: str, train_file: Path, excluded: Sequence[str] = ()) -> str:
     """Hash of everything the warm-started weights depend on; `excluded` are the held-out questions that were in
     the training pool (none for the synthetic world, whose dev and train splits are disjoint)."""
@@ -275,7 +294,7 @@ def cache_key(config: JobConfig, policy_path: str, train_file: Path, excluded: S
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in policy.glob("*.safetensors")) \
         if policy.is_dir() else []
     inputs = {
-        "version": 2, "policy": str(policy_path), "weights": weights, "train_file": str(train_file),
+        "version": 3, "policy": str(policy_path), "weights": weights, "train_file": str(train_file),
         "train_size": train_file.stat().st_size, "warm_start": config.warm_start.model_dump(),
         "seed": config.seed, "template": config.rollout.prompt_template, "reward": config.rollout.reward_fn,
         "retrieval": {"topk": config.retrieval.topk, "format": config.retrieval.result_format,
@@ -327,6 +346,7 @@ def run_warm_start(config: JobConfig, policy_path: str, urls: list[str], tokeniz
         experts, skipped = experts + two_hop, skipped + skipped_two_hop
     overlap = {e.question.text for e in experts} & set(held_out)
     assert not overlap, f"warm start would train on held-out questions {sorted(overlap)}"
+    experts, probe_experts = split_held_out(experts, warm.held_out, config.seed)
     build_seconds = time.perf_counter() - started
     log.info("warm start: %d expert trajectories (%d questions skipped: answer not retrieved), %.1f tokens each",
              len(experts), skipped, sum(len(e.trajectory.response_ids) + len(e.trajectory.prompt_ids)
@@ -334,9 +354,12 @@ def run_warm_start(config: JobConfig, policy_path: str, urls: list[str], tokeniz
     group = LearnerGroup(supervised_learner_config(config), policy_path)
     rng = random.Random(config.seed)
     steps: list[dict[str, float]] = []
+    stopped = ""
     try:
         probe = as_training_table(experts[: warm.batch_size])
+        held = as_training_table(probe_experts) if probe_experts else None
         nll_before = masked_nll(group.compute_logprobs(probe), probe)
+        held_before = masked_nll(group.compute_logprobs(held), held) if held is not None else None
         for epoch in range(warm.epochs):
             order = list(experts)
             rng.shuffle(order)
@@ -344,9 +367,16 @@ def run_warm_start(config: JobConfig, policy_path: str, urls: list[str], tokeniz
                 step_started = time.perf_counter()
                 metrics = group.train_step(as_training_table(order[start:start + warm.batch_size]))
                 steps.append({"epoch": epoch, "seconds": time.perf_counter() - step_started,
-                              "grad_norm": metrics.get("grad_norm", 0.0)})
-                log.info("warm start step %d (epoch %d): %.1f s, grad norm %.2f", len(steps), epoch,
-                         steps[-1]["seconds"], steps[-1]["grad_norm"])
+                              "grad_norm": metrics.get("grad_norm", 0.0), "entropy": metrics.get("entropy", 0.0)})
+                if held is not None:
+                    steps[-1]["held_out_nll"] = masked_nll(group.compute_logprobs(held), held)
+                log.info("warm start step %d (epoch %d): %.1f s, grad norm %.2f, held-out NLL %s", len(steps), epoch,
+                         steps[-1]["seconds"], steps[-1]["grad_norm"], steps[-1].get("held_out_nll", "-"))
+                if should_stop(steps[-1].get("held_out_nll"), warm.stop_nll):
+                    stopped = f"held-out NLL {steps[-1]['held_out_nll']:.3f} <= stop_nll {warm.stop_nll}"
+                    break
+            if stopped:
+                break
         nll_after = masked_nll(group.compute_logprobs(probe), probe)
         group.export_hf(str(out_dir), policy_path)
     finally:
@@ -354,8 +384,12 @@ def run_warm_start(config: JobConfig, policy_path: str, urls: list[str], tokeniz
     manifest = {
         "policy": policy_path, "trajectories": len(experts), "skipped_questions": skipped, "steps": len(steps),
         "nll_before": nll_before, "nll_after": nll_after, "build_seconds": build_seconds,
+        "held_out_trajectories": len(probe_experts), "held_out_nll_before": held_before,
+        "held_out_nll": [s.get("held_out_nll") for s in steps], "entropy": [s["entropy"] for s in steps],
+        "stopped_early": stopped,
         "seconds": time.perf_counter() - started, "step_seconds": [s["seconds"] for s in steps],
         "question_ids": [e.question.id for e in experts],
+        "held_out_question_ids": [e.question.id for e in probe_experts],
         "two_hop_trajectories": sum(bool(e.question.bridge) for e in experts),
         "example": experts[0].trajectory.response_text,
     }

@@ -22,6 +22,8 @@ from cluster.warm_start import (
     expert_query,
     expert_trajectory,
     masked_nll,
+    should_stop,
+    split_held_out,
     supervised_learner_config,
     training_questions,
 )
@@ -104,6 +106,24 @@ def test_two_hop_expert_searches_the_question_then_the_bridge(world: Path, token
     assert (t.reward, t.format_valid, t.num_searches) == (1.0, True, 2)
     with pytest.raises(ValueError, match="2 searches need as many result blocks"):
         expert_trajectory(question, blocks[:1], tokenizer, "instruct", random.Random(0), reward_fn("research"))
+
+
+def test_held_out_experts_are_drawn_across_hops_and_stop_the_warm_start(world: Path, tokenizer) -> None:  # noqa: ANN001
+    """warm_start.held_out experts are kept out of training (seeded, from 1-hop and 2-hop alike); the held-out NLL
+    floor stops the warm start, and 0 means no floor."""
+    reward = reward_fn("research")
+    experts = [expert_trajectory(q, [format_passages([])] * (2 if q.bridge else 1), tokenizer, "instruct",
+                                 random.Random(0), reward)
+               for q in training_questions(world / "train.jsonl")[:6] + training_questions(world / "train.jsonl", hops=2)[:6]]
+    trained, held = split_held_out(experts, 4, seed=0)
+    assert len(trained) == 8 and len(held) == 4 and not {id(e) for e in trained} & {id(e) for e in held}
+    assert [e.question.id for e in held] == [e.question.id for e in split_held_out(experts, 4, seed=0)[1]]
+    assert {bool(e.question.bridge) for e in split_held_out(experts, 8, seed=0)[1]} == {True, False}
+    assert split_held_out(experts, 0, seed=0) == (experts, [])
+    with pytest.raises(ValueError, match="leaves none"):
+        split_held_out(experts, 12, seed=0)
+    assert should_stop(0.29, 0.3) and not should_stop(0.31, 0.3)
+    assert not should_stop(0.01, 0.0) and not should_stop(None, 0.3)
 
 
 def test_warm_start_questions_are_one_hop_training_questions_disjoint_from_held_out(world: Path) -> None:
