@@ -47,6 +47,12 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(True, description="Skip graph capture/compilation (fast start; slower decode).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV of the shared prompt across a group.")
     max_num_seqs: int = Field(256, ge=1, description="Sequences the engine decodes concurrently.")
+    cpu_reserved_cores: int | None = Field(
+        None, ge=0,
+        description="vllm-cpu: cores kept free of decode threads for the engine's scheduler process "
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU); None keeps vLLM's default (one per worker). 0 lets decode use every core, "
+        "right when the engine has the machine to itself between learner steps (max_staleness 0).",
+    )
 
 
 class RolloutConfig(BaseModel):

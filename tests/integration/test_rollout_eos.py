@@ -9,6 +9,7 @@ re-search, src/verl/utils/reward_score/re_search.py:161-164; its rollout keeps s
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,11 @@ def test_a_response_ending_on_another_eos_id_is_unfinished_and_scored_zero(
 ) -> None:
     from actors.engine import RolloutEngine
 
-    engine = RolloutEngine(str(two_eos_policy), EngineConfig(max_model_len=1024, cpu_kvcache_gb=0.25, max_num_seqs=4),
-                           extension=None)
+    # also: cpu_reserved_cores=0 gives decode every core of the machine (vLLM's default keeps one for its scheduler)
+    engine = RolloutEngine(str(two_eos_policy), EngineConfig(max_model_len=1024, cpu_kvcache_gb=0.25, max_num_seqs=4,
+                                                             cpu_reserved_cores=0))
     try:
+        assert run(engine.collective_rpc("research_threads")) == [len(os.sched_getaffinity(0))]
         tokenizer = engine.tokenizer
         question = Question("q", build_prompt_ids("Where?", "instruct", tokenizer), ["Paris"])
         never_called = SearchTool(backend=None)  # type: ignore[arg-type]  # the scripted policy never searches
