@@ -44,7 +44,19 @@ def batch_metrics(groups: list[pa.RecordBatch], policy_version: int) -> dict[str
         "rollout/retrieval_seconds": float(col["retrieval_seconds"].mean()),
         "staleness/mean": float(staleness.mean()), "staleness/max": float(staleness.max()),
         **{f"staleness/frac_{k}": float((staleness == k).mean()) for k in range(int(staleness.max()) + 1)},
+        **by_searches(col["reward"], col["num_searches"]),
     }
+
+
+def by_searches(reward: np.ndarray, searches: np.ndarray) -> dict[str, float]:
+    """Share of the samples and their mean reward by search count (0, 1, 2, 3+): what GRPO sees a second search
+    earn against one (reward/searches_2_mean vs reward/searches_1_mean); a count no sample had is left out."""
+    out = {}
+    for tag, picked in (("0", searches == 0), ("1", searches == 1), ("2", searches == 2), ("3+", searches >= 3)):
+        out[f"reward/searches_{tag}_share"] = float(picked.mean())
+        if picked.any():
+            out[f"reward/searches_{tag}_mean"] = float(reward[picked].mean())
+    return out
 
 
 def validation_metrics(batches: list[pa.RecordBatch]) -> dict[str, float]:

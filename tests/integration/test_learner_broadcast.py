@@ -145,7 +145,7 @@ def test_pool_stamps_versions_and_replaces_an_engine_stuck_mid_sync(ray_cluster,
                             engine=EngineConfig(max_model_len=256, cpu_kvcache_gb=0.25, max_num_seqs=4))
     learner = LearnerGroup(config, policy_path)
     make_actor = remote_rollout_actor(policy_path, rollout, RetrievalConfig(urls=[retrieval_url]))
-    pool = RolloutPool(make_actor, learner, weight_sync_timeout_s=20, setup_timeout_s=300)
+    pool = RolloutPool(make_actor, learner, weight_sync_timeout_s=8, setup_timeout_s=300)
     stuck: list[int] = []
 
     def stamped() -> set[int]:

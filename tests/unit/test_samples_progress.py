@@ -77,3 +77,14 @@ def test_total_steps_is_max_steps_or_the_epochs_in_batches() -> None:
     # Each epoch ends on its own: 10 prompts are 2 full batches and a partial one, which drop_last drops.
     assert total_steps(TrainerConfig(epochs=2, batch_size=4), 10) == 4
     assert total_steps(TrainerConfig(epochs=2, batch_size=4, drop_last=False), 10) == 6
+
+
+def test_batch_metrics_give_reward_and_share_by_search_count() -> None:
+    from cluster.metrics import batch_metrics
+
+    group = to_record_batch([trajectory("q", 0.0, 2), trajectory("q", 1.0, 2), trajectory("q", 0.1, 1),
+                             trajectory("q", 0.0, 4)])
+    metrics = batch_metrics([group], policy_version=0)
+    assert metrics["reward/searches_2_share"] == 0.5 and metrics["reward/searches_2_mean"] == 0.5
+    assert metrics["reward/searches_1_mean"] == pytest.approx(0.1) and metrics["reward/searches_3+_share"] == 0.25
+    assert metrics["reward/searches_0_share"] == 0.0 and "reward/searches_0_mean" not in metrics
