@@ -24,10 +24,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 PROMPTS = 32  # 8 steps of 4 groups
 
 
-def pids(run_dir: Path, role: str) -> list[int]:
-    """PIDs of one role from the driver's run_dir/actors.json (written at every step boundary)."""
+def pids(run_dir: Path, role: str, steps: int = 0) -> list[int]:
+    """Live PIDs of one role from the driver's run_dir/actors.json (written at every step boundary, after the step is
+    in trained.jsonl), once the file is from step `steps` or later: an older file can list a killed actor's engines."""
     path = run_dir / "actors.json"
-    return json.loads(path.read_text()).get(role, []) if path.is_file() else []
+    if not path.is_file():
+        return []
+    state = json.loads(path.read_text())
+    return [pid for pid in state.get(role, []) if alive(pid)] if state.get("step", 0) >= steps else []
 
 
 def alive(pid: int) -> bool:
@@ -40,9 +44,9 @@ def alive(pid: int) -> bool:
 
 def kill_at_step(run_dir: Path, role: str, steps: int, rng: random.Random) -> dict:
     """Once `steps` steps are trained, wait a random moment of the next step and SIGKILL one process of `role`."""
-    wait_for(lambda: len(trained(run_dir)) >= steps and pids(run_dir, role), timeout=600)
+    wait_for(lambda: len(trained(run_dir)) >= steps and pids(run_dir, role, steps), timeout=600)
     time.sleep(rng.uniform(0.0, 2.0))
-    victim = rng.choice(pids(run_dir, role))
+    victim = rng.choice(pids(run_dir, role, steps))
     os.kill(victim, signal.SIGKILL)
     return {"role": role, "pid": victim, "after_step": len(trained(run_dir)), "at": time.time()}
 
@@ -120,9 +124,10 @@ def test_async_run_survives_rollout_deaths_during_updates(ray_head: dict, tmp_pa
     try:
         for role, after in (("rollout_pids", 1), ("engine_pids", 3)):
             # a new step was just logged: the next update starts at once (the buffer runs one batch ahead)
-            wait_for(lambda a=after, r=role: len(trained(run_dir)) >= a and pids(run_dir, r), timeout=600, every=0.05)
+            wait_for(lambda a=after, r=role: len(trained(run_dir)) >= a and pids(run_dir, r, a), timeout=600,
+                     every=0.05)
             time.sleep(rng.uniform(0.05, 0.5))
-            victim = rng.choice(pids(run_dir, role))
+            victim = rng.choice(pids(run_dir, role, after))
             os.kill(victim, signal.SIGKILL)
             kills.append({"role": role, "pid": victim, "after_step": len(trained(run_dir))})
         wait(process, run_dir, timeout=900)
