@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="*", default=[], help="index names to leave out (Flat is always measured)")
     parser.add_argument("--no-service", action="store_true", help="search-only figures (service QPS = batched QPS)")
     parser.add_argument("--json", default="", help="also write every figure to this file")
+    parser.add_argument("--prepare-only", action="store_true", help="stop once the vectors and passages are cached")
     args = parser.parse_args(argv)
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                  for line in (world / name).read_text().splitlines()]
     questions = list(dict.fromkeys(questions))
     print(f"vectors ready: {args.passages} x {DIM} ({len(real)} real) in {time.perf_counter() - started:.0f} s")
+    if args.prepare_only:
+        return 0
 
     faiss.cvar.distance_compute_blas_threshold = blas_threshold(DIM)
     figures: list[IndexFigures] = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -57,11 +58,12 @@ def start_theirs(server: Path, index_dir: Path, workdir: Path) -> subprocess.Pop
 
 
 def wait_answering(url: str, timeout: float, alive: Callable[[], bool]) -> None:
-    """Poll POST url/retrieve until it answers 200 (their server has no /health)."""
+    """Poll POST url/retrieve until it answers 200 (their server has no /health; without return_scores it fails)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and alive():
         try:
-            if httpx.post(f"{url}/retrieve", json={"queries": ["warm up"], "topk": 5}, timeout=30).status_code == 200:
+            if httpx.post(f"{url}/retrieve", json={"queries": ["warm up"], "topk": 5, "return_scores": True},
+                          timeout=30).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "research-bench-encoder"))
     parser.add_argument("--single", type=int, default=100, help="requests at one client")
     parser.add_argument("--many", type=int, default=320, help="requests at 32 clients")
-    parser.add_argument("--serve-args", nargs="*", default=[], help="extra `research serve` flags for ours")
+    parser.add_argument("--serve-args", default="", help="extra `research serve` flags for ours, one string")
     args = parser.parse_args(argv)
     index_dir = Path(args.index) if args.index else prepare(Path(args.cache_dir), 2000)
     questions = questions_of(index_dir, 10_000)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{len(questions)} questions; lower --single/--many")
 
     figures = {}
-    with ServiceProcess(index_dir, extra_args=["--cache-size", "0", *args.serve_args]) as ours:
+    with ServiceProcess(index_dir, extra_args=["--cache-size", "0", *shlex.split(args.serve_args)]) as ours:
         figures["ours"] = measure(f"{ours.url}/retrieve", questions, args.single, args.many)
     with tempfile.TemporaryDirectory(prefix="searchr1-") as workdir:
         theirs = start_theirs(Path(args.server).resolve(), index_dir, Path(workdir))
