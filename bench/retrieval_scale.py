@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
               f" ms  build {f.build_s:6.0f} s  {f.index_bytes / 1e9:.2f} GB", flush=True)
         if sweep:
             print("          " + "; ".join(sweep), flush=True)
+        if args.json:  # after every index, so an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps({"figures": [asdict(f) for f in figures]}, indent=1))
 
     encoder_core_s = measure_encoder_core_s(questions[:256], cores) * ENCODER_FLOP_RATIO
     print(f"\nwiki-18 model (21M x 768, E5-base on CPU: {encoder_core_s * 1e3:.1f} core-ms per query, {cores} cores "

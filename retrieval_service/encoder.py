@@ -68,6 +68,22 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16), from the kernel's CPU flags."""
+    try:
+        flags = Path(cpuinfo).read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def query_dtype_on_cpu(setting: str) -> str:
+    """The precision query forwards run in on CPU: 'auto' is bfloat16 where the CPU computes it natively."""
+    if setting == "auto":
+        return "bfloat16" if cpu_has_bf16() else "float32"
+    return setting
+
+
 CPU_QUERY_BATCH = 16
 """Queries per forward on CPU: a forward of 64 pads every query to the longest (14 tokens on average, 21 at most on
 the synthetic world), and on CPU the matrix products cost what they compute (MiniLM runs at ~85 GFLOP/s on one AVX2
@@ -90,7 +106,7 @@ class Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.model = AutoModel.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device).eval()
         self.query_model = self.model
-        if self.device.type == "cpu" and self.config.cpu_query_dtype == "bfloat16":
+        if self.device.type == "cpu" and query_dtype_on_cpu(self.config.cpu_query_dtype) == "bfloat16":
             self.query_model = copy.deepcopy(self.model).to(torch.bfloat16)
         if self.device.type == "cpu" and self.config.cpu_compile:
             self.query_model = torch.compile(self.query_model, dynamic=True)
