@@ -46,7 +46,8 @@ def test_vectors_are_unit_float32_and_batching_keeps_order(minilm: Encoder) -> N
 
 
 def test_e5_name_adds_query_and_passage_prefixes(minilm: Encoder, tmp_path: Path) -> None:
-    e5_like = Encoder(EncoderConfig(name_or_path=str(linked_copy(tmp_path / "my-e5-small")), device="cpu"))
+    e5_like = Encoder(EncoderConfig(name_or_path=str(linked_copy(tmp_path / "my-e5-small")), device="cpu",
+                                    cpu_query_dtype="float32"))
     assert e5_like.is_e5 and not minilm.is_e5
     np.testing.assert_allclose(
         e5_like.encode_queries(["who founded Teboara?"]), minilm.encode_queries(["query: who founded Teboara?"]),
