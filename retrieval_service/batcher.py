@@ -139,6 +139,7 @@ class MicroBatcher:
         self._queued = asyncio.Event()
         self.num_workers = workers
         self._workers: list[asyncio.Task[None]] = []
+        self._in_flight = 0  # requests between arrival and answer (queued or being searched)
 
     def start(self) -> None:
         """Start the batch workers on the running event loop."""
@@ -183,15 +184,20 @@ class MicroBatcher:
         futures = [item.future for item in pending]
         self._requests.append(pending)
         self._queued.set()
-        return list(await asyncio.gather(*futures))
+        self._in_flight += 1
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            self._in_flight -= 1
 
     async def _next_batch(self) -> list[_Pending]:
         while not self._requests:
             self._queued.clear()
             await self._queued.wait()
         batch: list[_Pending] = []
-        if not self._take_into(batch) and self.max_wait_s > 0:
-            # Room left: give concurrent requests max_wait to add theirs (this is how a batch grows under load).
+        if not self._take_into(batch) and self.max_wait_s > 0 and self._in_flight > 1:
+            # Room left and other clients active: give them max_wait to add theirs (how a batch grows under load).
+            # A lone request does not wait: with one client nobody else is coming, and the wait was pure latency.
             await asyncio.sleep(self.max_wait_s)
             self._take_into(batch)
         return batch

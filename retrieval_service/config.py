@@ -30,7 +30,17 @@ class EncoderConfig(BaseModel):
         "forward of 64 here), 0 on GPU.",
     )
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
-    fp16: bool = Field(True, description="Half precision on GPU; ignored on CPU, which always runs fp32.")
+    fp16: bool = Field(True, description="Half precision on GPU; ignored on CPU (see cpu_query_dtype).")
+    cpu_query_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Precision of query forwards on CPU (a bf16 copy of the weights is kept for them); "
+        "passages, hence indexes, are always encoded in fp32. 'auto' = bfloat16 where the CPU has bf16 matrix "
+        "instructions (avx512_bf16 or amx_bf16), else float32. bf16 kept the top-1 passage of 300 of 300 queries "
+        "(bench.query_encoder, bench/RESULTS.md).",
+    )
+    cpu_compile: bool = Field(
+        False, description="torch.compile the query forward on CPU (dynamic shapes; the first queries of each new "
+        "shape pay the compilation).",
+    )
     cpu_threads: int = Field(
         0, ge=0, description="torch intra-op threads on CPU, process-wide (0 = torch's default, all cores). "
         "1 is far faster for single queries on a busy machine, where OpenMP barriers wait on descheduled threads."

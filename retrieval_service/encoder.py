@@ -7,6 +7,7 @@ match what that model was trained to produce.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -67,6 +68,22 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16), from the kernel's CPU flags."""
+    try:
+        flags = Path(cpuinfo).read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def query_dtype_on_cpu(setting: str) -> str:
+    """The precision query forwards run in on CPU: 'auto' is bfloat16 where the CPU computes it natively."""
+    if setting == "auto":
+        return "bfloat16" if cpu_has_bf16() else "float32"
+    return setting
+
+
 CPU_QUERY_BATCH = 16
 """Queries per forward on CPU: a forward of 64 pads every query to the longest (14 tokens on average, 21 at most on
 the synthetic world), and on CPU the matrix products cost what they compute (MiniLM runs at ~85 GFLOP/s on one AVX2
@@ -88,6 +105,11 @@ class Encoder:
         dtype = torch.float16 if (self.config.fp16 and self.device.type == "cuda") else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.model = AutoModel.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device).eval()
+        self.query_model = self.model
+        if self.device.type == "cpu" and query_dtype_on_cpu(self.config.cpu_query_dtype) == "bfloat16":
+            self.query_model = copy.deepcopy(self.model).to(torch.bfloat16)
+        if self.device.type == "cpu" and self.config.cpu_compile:
+            self.query_model = torch.compile(self.query_model, dynamic=True)
         self.dim = int(self.model.config.hidden_size)
         # Position embeddings bound the usable length whatever the config asks for.
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 512))
@@ -103,15 +125,15 @@ class Encoder:
         chunk = self.config.query_batch_size
         if chunk is None:
             chunk = CPU_QUERY_BATCH if self.device.type == "cpu" else 0
-        return self._encode(texts, self.config.query_max_length, batch_size=chunk or max(len(texts), 1))
+        return self._encode(texts, self.config.query_max_length, chunk or max(len(texts), 1), self.query_model)
 
     def encode_passages(self, passages: list[str], batch_size: int | None = None) -> np.ndarray:
         """Vectors of corpus passages (the wiki-18 "Title"\\ntext contents), shape (len(passages), dim)."""
         prefix = "passage: " if self.is_e5 else ""
         texts = [prefix + p for p in passages]
-        return self._encode(texts, self.config.passage_max_length, batch_size or self.config.batch_size)
+        return self._encode(texts, self.config.passage_max_length, batch_size or self.config.batch_size, self.model)
 
-    def _encode(self, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
+    def _encode(self, texts: list[str], max_length: int, batch_size: int, model: torch.nn.Module) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
@@ -130,7 +152,7 @@ class Encoder:
                     fill = pad_id if name == "input_ids" else 0
                     rows = [encoded[name][i] + [fill] * (width - len(encoded[name][i])) for i in idx]
                     batch[name] = torch.tensor(rows, dtype=torch.long, device=self.device)
-                hidden = self.model(**batch).last_hidden_state
+                hidden = model(**batch).last_hidden_state.float()  # pooled in fp32 whatever the forward ran in
                 pooled = self._pool(hidden, batch["attention_mask"])
                 pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
                 out[idx] = pooled.cpu().numpy()

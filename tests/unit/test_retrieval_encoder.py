@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from qa.world import generate_world
 from retrieval_service.config import EncoderConfig
 from retrieval_service.encoder import Encoder, resolve_encoder_path
 
@@ -17,7 +18,7 @@ TEXTS = ['"Teboara"\nTeboara is a city in Vruaria on the river Dreindou.', "shor
 
 @pytest.fixture(scope="module")
 def minilm() -> Encoder:
-    return Encoder(EncoderConfig(device="cpu"))
+    return Encoder(EncoderConfig(device="cpu", cpu_query_dtype="float32"))  # the exact path; bf16 is tested below
 
 
 def linked_copy(target: Path, pooling: dict | None = None) -> Path:
@@ -45,7 +46,8 @@ def test_vectors_are_unit_float32_and_batching_keeps_order(minilm: Encoder) -> N
 
 
 def test_e5_name_adds_query_and_passage_prefixes(minilm: Encoder, tmp_path: Path) -> None:
-    e5_like = Encoder(EncoderConfig(name_or_path=str(linked_copy(tmp_path / "my-e5-small")), device="cpu"))
+    e5_like = Encoder(EncoderConfig(name_or_path=str(linked_copy(tmp_path / "my-e5-small")), device="cpu",
+                                    cpu_query_dtype="float32"))
     assert e5_like.is_e5 and not minilm.is_e5
     np.testing.assert_allclose(
         e5_like.encode_queries(["who founded Teboara?"]), minilm.encode_queries(["query: who founded Teboara?"]),
@@ -74,5 +76,34 @@ def test_query_chunks_in_length_order_match_one_by_one(minilm: Encoder) -> None:
     batched = minilm.encode_queries(queries)
     one_by_one = np.concatenate([minilm.encode_queries([q]) for q in queries])
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
-    whole = Encoder(EncoderConfig(device="cpu", query_batch_size=0)).encode_queries(queries)  # one padded forward
+    whole = Encoder(EncoderConfig(device="cpu", query_batch_size=0, cpu_query_dtype="float32")).encode_queries(queries)  # one padded forward
     np.testing.assert_allclose(whole, one_by_one, atol=1e-5)
+
+
+def test_bf16_query_forward_keeps_top1_agreement_and_fp32_passages(minilm: Encoder, tmp_path: Path) -> None:
+    # A small real sample: 150 passages of the synthetic world and its questions, passages encoded in fp32 as an
+    # index is; the top-1 passage of each question with bf16 query forwards against fp32 ones (the goal is 99 %).
+    generate_world(tmp_path, seed=0, num_passages=150)
+    passages = [json.loads(line)["contents"] for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    questions = [json.loads(line)["question"] for line in (tmp_path / "train.jsonl").read_text().splitlines()][:100]
+    bf16 = Encoder(EncoderConfig(device="cpu", cpu_query_dtype="bfloat16"))
+    assert next(bf16.query_model.parameters()).dtype == torch.bfloat16
+    vectors = minilm.encode_passages(passages)
+    np.testing.assert_allclose(bf16.encode_passages(passages[:8]), vectors[:8], atol=1e-5)  # index side stays fp32
+    reference, fast = minilm.encode_queries(questions), bf16.encode_queries(questions)
+    assert fast.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
+    same = np.argmax(reference @ vectors.T, axis=1) == np.argmax(fast @ vectors.T, axis=1)
+    assert same.mean() >= 0.99
+
+
+def test_auto_query_dtype_follows_the_cpu_flags(tmp_path: Path) -> None:
+    from retrieval_service.encoder import cpu_has_bf16, query_dtype_on_cpu
+
+    with_bf16, without = tmp_path / "a", tmp_path / "b"
+    with_bf16.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("flags\t\t: fpu avx2 avx512f\n")
+    assert cpu_has_bf16(str(with_bf16)) and not cpu_has_bf16(str(without))
+    assert not cpu_has_bf16(str(tmp_path / "missing"))
+    assert query_dtype_on_cpu("float32") == "float32" and query_dtype_on_cpu("bfloat16") == "bfloat16"
+    assert query_dtype_on_cpu("auto") == ("bfloat16" if cpu_has_bf16() else "float32")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from retrieval_service.batcher import QueryCache
+from retrieval_service.batcher import MicroBatcher, QueryCache, SearchMetrics
 from retrieval_service.config import EncoderConfig, RetrievalConfig, ServerConfig
 from retrieval_service.corpus import (
     corpus_fingerprint,
@@ -21,6 +23,7 @@ from retrieval_service.corpus import (
 )
 from retrieval_service.encoder import read_pooling, resolve_encoder_path
 from retrieval_service.index import IndexMeta, canonical_encoder_name, check_encoder
+from retrieval_service.retriever import Hit
 
 ROWS = [
     {"id": "0", "contents": '"Evan Morris"\nEvan L. Morris was a lobbyist.'},
@@ -190,3 +193,34 @@ def test_request_counter_labels_each_outcome(behaviour: str, label: str) -> None
         assert behaviour == "raise"
     value = metrics.registry.get_sample_value("retrieval_requests_total", {"endpoint": "/retrieve", "status": label})
     assert value == 1.0
+
+
+class RecordingRetriever:
+    """Answers at once and records each batch it was given."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
+        self.batches.append(list(queries))
+        time.sleep(0.05)
+        return [[Hit({"id": q, "contents": q}, 1.0)] for q in queries]
+
+
+def test_a_lone_request_skips_the_batching_wait_and_concurrent_ones_still_coalesce() -> None:
+    async def scenario() -> tuple[float, list[list[str]]]:
+        retriever = RecordingRetriever()
+        batcher = MicroBatcher(retriever, SearchMetrics(), max_wait_ms=400.0, cache_size=0)  # type: ignore[arg-type]
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.search(["alone"], 1)
+        alone_s = time.perf_counter() - started
+        # Busy: a first request is being searched while three more arrive; those three ride in one batch.
+        await asyncio.gather(*(batcher.search([f"q{i}"], 1) for i in range(4)))
+        await batcher.stop()
+        return alone_s, retriever.batches
+
+    alone_s, batches = asyncio.run(scenario())
+    assert alone_s < 0.3  # 0.05 s of search, not the 0.4 s wait
+    assert batches[0] == ["alone"] and sorted(q for batch in batches[1:] for q in batch) == ["q0", "q1", "q2", "q3"]
+    assert len(batches) <= 3
