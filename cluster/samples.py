@@ -1,9 +1,9 @@
-"""What validation looked like, not only its means: full sample trajectories and per-hop metrics.
+"""What validation looked like, not only its means: full sample trajectories, and the hop count of each question.
 
 Every validation writes `logging.samples` trajectories (prompt, generated text, the search queries and the results
 the service returned, the reward and its parts) to run_dir/samples.jsonl and as TensorBoard text, so a reader can
-see *how* the policy searches, and adds per-hop means (val/reward_2hop, val/searches_2hop ...) for questions of the
-synthetic world, whose files say how many hops each question needs.
+see *how* the policy searches. `question_hops` reads how many hops each question needs from the synthetic world's
+files; the per-hop means (val/reward_2hop, val/searches_2hop ...) come from cluster.validation.ValidationLog.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from actors.prompts import Question
@@ -33,21 +32,6 @@ def question_hops(files: list[Path]) -> dict[str, int]:
             if isinstance(record.metadata.get("hops"), int):
                 hops[f"{record.source}:{record.id}"] = record.metadata["hops"]
     return hops
-
-
-def hop_metrics(table: pa.Table, hops: dict[str, int]) -> dict[str, float]:
-    """Reward, F1 and searches per trajectory of validation rollouts, split by the question's hop count."""
-    if not hops or table.num_rows == 0:
-        return {}
-    ids = table.column("prompt_id").to_pylist()
-    columns = {k: table.column(k).to_numpy(zero_copy_only=False) for k in ("reward", "f1", "num_searches")}
-    metrics = {}
-    for hop in sorted({hops[i] for i in ids if i in hops}):
-        rows = np.array([hops.get(i) == hop for i in ids])
-        metrics[f"val/reward_{hop}hop"] = float(columns["reward"][rows].mean())
-        metrics[f"val/f1_{hop}hop"] = float(columns["f1"][rows].mean())
-        metrics[f"val/searches_{hop}hop"] = float(columns["num_searches"][rows].mean())
-    return metrics
 
 
 def sample_record(row: dict[str, Any], question: Question | None, prompt: str, step: int,
@@ -77,7 +61,7 @@ def render_markdown(record: dict[str, Any]) -> str:
 
 
 class ValidationSamples:
-    """Writes each validation's sample trajectories and returns its per-hop metrics."""
+    """Writes each validation's sample trajectories, alternating between hop counts."""
 
     def __init__(self, run_dir: Path, questions: list[Question], tokenizer: Any, template: str, count: int,
                  hops: dict[str, int]) -> None:
@@ -86,14 +70,13 @@ class ValidationSamples:
         self.tokenizer, self.template, self.count, self.hops = tokenizer, template, count, hops
         self.last: list[dict[str, Any]] = []
 
-    def observe(self, step: int, batches: list[pa.RecordBatch], metrics: Any = None) -> dict[str, float]:
-        """Record `count` samples of this validation (JSONL, and TensorBoard text through `metrics`); per-hop means.
+    def observe(self, step: int, batches: list[pa.RecordBatch], metrics: Any = None) -> None:
+        """Record `count` samples of this validation (JSONL, and TensorBoard text through `metrics`).
 
         Samples alternate between hop counts so a few of them show both kinds of question."""
         if not batches:
-            return {}
-        table = pa.Table.from_batches(batches)
-        rows = table.to_pylist()
+            return
+        rows = pa.Table.from_batches(batches).to_pylist()
         by_hop: dict[Any, list[dict[str, Any]]] = {}
         for row in rows:
             by_hop.setdefault(self.hops.get(row["prompt_id"]), []).append(row)
@@ -115,7 +98,6 @@ class ValidationSamples:
         if metrics is not None:
             for index, record in enumerate(self.last):
                 metrics.log_text(f"samples/{index}", render_markdown(record), step)
-        return hop_metrics(table, self.hops)
 
 
 def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:

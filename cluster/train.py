@@ -138,9 +138,10 @@ class Trainer:
             self._resume()
         self.metrics = MetricsLogger(run_dir, config.logging.tensorboard, config.logging.wandb_project,
                                      run_name=config.name, config=config.model_dump(mode="json"))
+        hops = question_hops(val_files)
         self.samples = ValidationSamples(run_dir, self.val_questions, tokenizer, rollout.prompt_template,
-                                         config.logging.samples, question_hops(val_files))
-        self.validation = ValidationLog(run_dir, question_hops(val_files))
+                                         config.logging.samples, hops)
+        self.validation = ValidationLog(run_dir, hops)
         self.progress = ProgressLine(total_steps(config.trainer, len(self.train_questions)), config.logging.progress)
         self.pool.sync_weights()
 
@@ -375,9 +376,9 @@ class Trainer:
         results = await asyncio.gather(*futures)
         batches = [r.batch for r in results[:len(self.val_questions)] if r.batch is not None]
         sampled = [r.batch for r in results[len(self.val_questions):] if r.batch is not None]
-        # sample trajectories to samples.jsonl / TensorBoard text, and per-hop means (val/searches_2hop ...)
-        return {**validation_metrics(batches), **self.samples.observe(self.step, batches, self.metrics),
-                **self.validation.observe(self.step, batches, sampled)}
+        self.samples.observe(self.step, batches, self.metrics)  # sample trajectories: samples.jsonl, TensorBoard text
+        # per-question results to validation.jsonl; means overall and per hop (val/searches_2hop ...), greedy and sampled
+        return {**validation_metrics(batches), **self.validation.observe(self.step, batches, sampled)}
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def _resume(self, tag: str | None = None) -> None:

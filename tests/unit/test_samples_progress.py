@@ -12,7 +12,8 @@ from actors.prompts import Question
 from actors.trajectory import Trajectory, to_record_batch
 from cluster.metrics import MetricsLogger
 from cluster.progress import ProgressLine, total_steps
-from cluster.samples import ValidationSamples, hop_metrics, question_hops, read_samples
+from cluster.samples import ValidationSamples, question_hops, read_samples
+from cluster.validation import ValidationLog
 
 RESPONSE = ("<think> I need the city. </think>\n<search> where was Ada born </search> <result>\n\"Ada\"\nAda was born "
             "in Velmora.\n</result>\n<think> Velmora. </think>\n<answer> The final answer is \\[ \\boxed{Velmora} \\] "
@@ -37,9 +38,12 @@ def test_samples_are_written_with_their_searches_results_and_reward_parts(tmp_pa
                to_record_batch([trajectory("flashrag:dev_1", 0.1, 2)]), to_record_batch([trajectory("flashrag:dev_3", 0.0, 0, "y")])]
     metrics = MetricsLogger(tmp_path / "run", tensorboard=True)
     samples = ValidationSamples(tmp_path / "run", questions, None, "base", 2, hops)
-    scalars = samples.observe(3, batches, metrics)
+    samples.observe(3, batches, metrics)
     metrics.close()
-    assert scalars == pytest.approx({"val/reward_1hop": 0.5, "val/f1_1hop": 0.5, "val/searches_1hop": 0.5,
+    # the per-hop means of the same validation (ValidationLog's greedy scalars)
+    scalars = ValidationLog(tmp_path / "run", hops).observe(3, batches, [])
+    per_hop = {k: v for k, v in scalars.items() if "hop" in k and "correct_two_search" not in k}
+    assert per_hop == pytest.approx({"val/reward_1hop": 0.5, "val/f1_1hop": 0.5, "val/searches_1hop": 0.5,
                                      "val/reward_2hop": 0.05, "val/f1_2hop": 0.05, "val/searches_2hop": 1.0})
     records = read_samples(tmp_path / "run")
     assert [r["hops"] for r in records] == [1, 2]  # one of each kind of question
@@ -50,11 +54,9 @@ def test_samples_are_written_with_their_searches_results_and_reward_parts(tmp_pa
     assert list((tmp_path / "run" / "tensorboard").iterdir())  # the TensorBoard text went somewhere
 
 
-def test_hop_metrics_skip_questions_without_hops() -> None:
-    table = to_record_batch([trajectory("a", 1.0, 1)])
-    import pyarrow as pa
-
-    assert hop_metrics(pa.Table.from_batches([table]), {}) == {}
+def test_hop_metrics_skip_questions_without_hops(tmp_path: Path) -> None:
+    scalars = ValidationLog(tmp_path, {}).observe(0, [to_record_batch([trajectory("a", 1.0, 1)])], [])
+    assert scalars and not [k for k in scalars if "hop" in k]
 
 
 def test_progress_line_has_reward_searches_seconds_and_eta() -> None:
