@@ -113,12 +113,12 @@ def service_url(run_dir: Path) -> str:
 
 def test_zero3_checkpoint_kill_resume_through_partial_epoch_end(cluster: LocalCluster, searching_policy: Path,
                                                                  tmp_path: Path) -> None:
-    """2 ZeRO-3 ranks on the learner node, 2 engines on the rollout node, the replica on the retrieval node: 9
+    """2 ZeRO-3 ranks on the learner node, one engine on the rollout node (the ZeRO-2 test runs two), the replica on the retrieval node: 9
     prompts in batches of 4 (the third is 1 prompt = 3 rows, padded for 2 ranks x 2 mini-batches); killed after a
     checkpoint and resumed, every prompt is trained exactly once; one checkpoint is kept; auth is on throughout."""
     run_dir = tmp_path / "zero3"
     run_dir.mkdir()
-    common = (*PLACEMENT, f"policy.name_or_path={searching_policy}", "learner.zero_stage=3", "rollout.num_actors=2",
+    common = (*PLACEMENT, f"policy.name_or_path={searching_policy}", "learner.zero_stage=3", "rollout.num_actors=1",
               "rollout.group_size=3", "learner.mini_batches=2", "data.max_train_questions=9", "trainer.batch_size=4",
               "trainer.drop_last=false", "trainer.max_steps=null", "trainer.epochs=1", "trainer.save_every=1", "trainer.keep_checkpoints=1",
               "trainer.val_every=0", "data.val_size=0", "trainer.wait_log_every_s=5")
