@@ -126,14 +126,17 @@ def probe(policy: str, config_name: str, hops: int, questions: int, group: int, 
         trajectories = asyncio.run(run())
         seconds = time.perf_counter() - started
     rewards: dict[int, list[float]] = collections.defaultdict(list)
+    capped: collections.Counter[int] = collections.Counter()
     for trajectory in trajectories:
         rewards[trajectory["num_searches"]].append(trajectory["reward"])
+        capped[trajectory["num_searches"]] += trajectory["end_reason"] == "max_turns"
     logprobs = [lp for t in trajectories for lp, keep in zip(t["behaviour_logprobs"], t["loss_mask"], strict=True)
                 if keep]
     correct_two = [t["num_searches"] >= 2 and t["em"] >= 1.0 for t in trajectories]
     return {
         **result,
-        "searches": {n: {"trajectories": len(r), "mean_reward": sum(r) / len(r)} for n, r in sorted(rewards.items())},
+        "searches": {n: {"trajectories": len(r), "mean_reward": sum(r) / len(r), "at_turn_cap": capped[n]}
+                     for n, r in sorted(rewards.items())},
         "mean_reward": sum(t["reward"] for t in trajectories) / len(trajectories),
         "correct_two_search_share": sum(correct_two) / len(correct_two),
         "entropy": -sum(logprobs) / max(len(logprobs), 1),
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pool: {pool['size']} questions (dropped: {pool['dropped']}); oracle reward over {pool['questions']}: "
               f"two searches {pool['two_search_oracle']:.3f}, best one search {pool['one_search_best']:.3f}")
     for searches, row in result["searches"].items():
-        print(f"searches={searches} trajectories={row['trajectories']} mean_reward={row['mean_reward']:.3f}")
+        print(f"searches={searches} trajectories={row['trajectories']} mean_reward={row['mean_reward']:.3f} "
+              f"ended_at_turn_cap={row['at_turn_cap']} (a search in the last allowed turn: not run, reward 0)")
     print(f"mean_reward={result['mean_reward']:.3f} correct_two_search_share={result['correct_two_search_share']:.3f} "
           f"entropy={result['entropy']:.3f} nats/token ({result['trajectories']} trajectories of "
           f"{result['response_tokens']:.0f} response tokens on average in {result['seconds']:.0f} s)")

@@ -44,14 +44,17 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 THEIR_PORT = 8000
 
 
-def start_theirs(server: Path, index_dir: Path, workdir: Path) -> subprocess.Popen[bytes]:
-    """Their server file under the CPU stand-ins, on 0.0.0.0:8000 (their hard-coded address)."""
+def start_theirs(server: Path, index_dir: Path, workdir: Path, threads: int = 0) -> subprocess.Popen[bytes]:
+    """Their server file under the CPU stand-ins, on 0.0.0.0:8000 (their hard-coded address); `threads` > 0 sets
+    OMP_NUM_THREADS, which torch reads at start (their file has no thread setting of its own)."""
     if free_port(preferred=THEIR_PORT) != THEIR_PORT:
         raise SystemExit(f"port {THEIR_PORT} is taken; Search-R1's server cannot choose another")
     argv = [str(server), "--index_path", str(index_dir / INDEX_FILE), "--corpus_path", str(index_dir / DOCS_FILE),
             "--topk", "5", "--retriever_name", "minilm",
             "--retriever_model", str(resolve_encoder_path("all-MiniLM-L6-v2"))]
     env = {**os.environ, "HF_DATASETS_CACHE": str(workdir / "hf-datasets"), "HF_HUB_OFFLINE": "1"}
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
     log = (workdir / "searchr1.log").open("wb")
     return subprocess.Popen([sys.executable, "-c", SHIM, *argv], cwd=workdir, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -87,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single", type=int, default=100, help="requests at one client")
     parser.add_argument("--many", type=int, default=320, help="requests at 32 clients")
     parser.add_argument("--serve-args", default="", help="extra `research serve` flags for ours, one string")
+    parser.add_argument("--their-threads", type=int, default=0,
+                        help="OMP_NUM_THREADS for their server (0 = torch's default, all cores); the same as ours' "
+                        "--cpu-threads for a like-for-like thread setting")
     args = parser.parse_args(argv)
     index_dir = Path(args.index) if args.index else prepare(Path(args.cache_dir), 2000)
     questions = questions_of(index_dir, 10_000)
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     with ServiceProcess(index_dir, extra_args=["--cache-size", "0", *shlex.split(args.serve_args)]) as ours:
         figures["ours"] = measure(f"{ours.url}/retrieve", questions, args.single, args.many)
     with tempfile.TemporaryDirectory(prefix="searchr1-") as workdir:
-        theirs = start_theirs(Path(args.server).resolve(), index_dir, Path(workdir))
+        theirs = start_theirs(Path(args.server).resolve(), index_dir, Path(workdir), args.their_threads)
         try:
             url = f"http://127.0.0.1:{THEIR_PORT}"
             wait_answering(url, 600, alive=lambda: theirs.poll() is None)
