@@ -370,8 +370,9 @@ def run_warm_start(config: JobConfig, policy_path: str, urls: list[str], tokeniz
                               "grad_norm": metrics.get("grad_norm", 0.0), "entropy": metrics.get("entropy", 0.0)})
                 if held is not None:
                     steps[-1]["held_out_nll"] = masked_nll(group.compute_logprobs(held), held)
+                nll = f"{steps[-1]['held_out_nll']:.3f}" if held is not None else "-"
                 log.info("warm start step %d (epoch %d): %.1f s, grad norm %.2f, held-out NLL %s", len(steps), epoch,
-                         steps[-1]["seconds"], steps[-1]["grad_norm"], steps[-1].get("held_out_nll", "-"))
+                         steps[-1]["seconds"], steps[-1]["grad_norm"], nll)
                 if should_stop(steps[-1].get("held_out_nll"), warm.stop_nll):
                     stopped = f"held-out NLL {steps[-1]['held_out_nll']:.3f} <= stop_nll {warm.stop_nll}"
                     break
