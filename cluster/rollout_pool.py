@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, OutOfMemoryError, RayActorError, RayTaskError
 
 from actors.prompts import Question
 from actors.rollout import RolloutFailed
@@ -35,7 +35,10 @@ from cluster.storage import check_marker_on_nodes
 from cluster.waiting import SetupTimeout, wait_logged
 
 log = logging.getLogger(__name__)
-ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
+ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError, OutOfMemoryError)
+"""What a call raises when its actor is gone. OutOfMemoryError is not a RayActorError, but Ray's memory monitor raises it
+for a call whose worker process it killed, and that process was the actor (a learner rank killed this way mid-update
+once escaped the supervisor as a traceback instead of being restored)."""
 
 
 class LearnerFailed(RuntimeError):

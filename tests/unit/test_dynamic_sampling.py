@@ -10,7 +10,7 @@ import pytest
 
 from actors.trajectory import Trajectory, to_record_batch
 from cluster.data_stream import PromptItem, PromptStream
-from cluster.rollout_pool import Finished, RolloutPool, sync_outcome, zero_variance
+from cluster.rollout_pool import ACTOR_GONE, Finished, RolloutPool, sync_outcome, zero_variance
 
 
 def group(rewards: list[float], version: int = 0) -> pa.RecordBatch:
@@ -77,3 +77,13 @@ def test_take_waits_at_an_epoch_boundary_and_ends_after_the_last_epoch() -> None
             with pytest.raises(asyncio.TimeoutError):  # the next epoch comes: wait for it, do not stop
                 asyncio.run(asyncio.wait_for(pool.take(2, 0, stream), 0.2))
     assert asyncio.run(pool.take(2, 0, stream)) is None
+
+
+def test_an_actor_killed_by_rays_memory_monitor_counts_as_gone() -> None:
+    """Ray's memory monitor kills the worker process and the call raises OutOfMemoryError (a RayError, not a
+    RayActorError): the supervisor must restore a learner rank killed so, and the pool replace a rollout actor."""
+    from ray.exceptions import OutOfMemoryError
+
+    error = OutOfMemoryError("1 worker(s) were killed due to the node running low on memory")
+    assert isinstance(error, ACTOR_GONE)
+    assert Finished(PromptItem(0, 0), 0, None, error).actor_died
