@@ -26,7 +26,13 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, OutOfMemoryError, RayActorError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    OutOfMemoryError,
+    RayActorError,
+    RayTaskError,
+)
 
 from actors.prompts import Question
 from actors.rollout import RolloutFailed
