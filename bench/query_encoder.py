@@ -3,11 +3,9 @@ agreement of the retrieval it gives with the fp32 encoder (all cores) over a rea
 
     python -m bench.query_encoder [--index DIR] [--queries 300] [--variants fp32 bf16 ...]
 
-Each variant is the service's own Encoder under an EncoderConfig (cpu_threads, cpu_query_dtype, cpu_compile), so
-what is measured is what `research serve` runs; the `onnx` variants replace only its query forward by an ONNX
-Runtime session of the same model (exported once with torch.onnx.export; tokenizer, pooling and normalisation stay
-the Encoder's), a candidate measured here and not a service option. They need `pip install onnxruntime` and are
-skipped with a line saying so without it. Agreement: the share of queries whose top-1 passage (faiss Flat over
+Each variant is the service's own Encoder under an EncoderConfig (cpu_runtime, cpu_threads, cpu_query_dtype,
+cpu_compile), so what is measured is what `research serve` runs; the `onnx` variants (encoder.cpu_runtime
+onnxruntime, the default where it is installed) are skipped with a line saying so without ONNX Runtime. Agreement: the share of queries whose top-1 passage (faiss Flat over
 the index's fp32 passage vectors) is the same as with the fp32 encoder; also the lowest cosine between the two
 query vectors. The index defaults to a 2,000-passage synthetic world built once under --cache-dir.
 """
@@ -15,14 +13,12 @@ query vectors. The index defaults to a 2,000-passage synthetic world built once 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import faiss
 import numpy as np
@@ -33,55 +29,20 @@ from retrieval_service.build import build_index
 from retrieval_service.config import EncoderConfig
 from retrieval_service.encoder import Encoder
 from retrieval_service.index import INDEX_FILE
+from retrieval_service.onnx_forward import onnxruntime_available
 
 CORES = os.cpu_count() or 1
+TORCH = {"cpu_runtime": "torch"}
 VARIANTS: dict[str, dict[str, object]] = {
-    "fp32": {"cpu_threads": CORES, "cpu_query_dtype": "float32"},
-    "fp32-1thread": {"cpu_threads": 1, "cpu_query_dtype": "float32"},
-    "bf16": {"cpu_threads": CORES, "cpu_query_dtype": "bfloat16"},
-    "bf16-1thread": {"cpu_threads": 1, "cpu_query_dtype": "bfloat16"},
-    "fp32-compile": {"cpu_threads": CORES, "cpu_query_dtype": "float32", "cpu_compile": True},
-    "bf16-compile": {"cpu_threads": CORES, "cpu_query_dtype": "bfloat16", "cpu_compile": True},
-    "onnx": {"cpu_threads": CORES, "cpu_query_dtype": "float32"},
-    "onnx-1thread": {"cpu_threads": 1, "cpu_query_dtype": "float32"},
+    "fp32": {**TORCH, "cpu_threads": CORES, "cpu_query_dtype": "float32"},
+    "fp32-1thread": {**TORCH, "cpu_threads": 1, "cpu_query_dtype": "float32"},
+    "bf16": {**TORCH, "cpu_threads": CORES, "cpu_query_dtype": "bfloat16"},
+    "bf16-1thread": {**TORCH, "cpu_threads": 1, "cpu_query_dtype": "bfloat16"},
+    "fp32-compile": {**TORCH, "cpu_threads": CORES, "cpu_query_dtype": "float32", "cpu_compile": True},
+    "bf16-compile": {**TORCH, "cpu_threads": CORES, "cpu_query_dtype": "bfloat16", "cpu_compile": True},
+    "onnx": {"cpu_runtime": "onnxruntime", "cpu_threads": CORES},
+    "onnx-1thread": {"cpu_runtime": "onnxruntime", "cpu_threads": 1},
 }
-
-
-class OnnxForward:
-    """The encoder model's forward as an ONNX Runtime session, called like the model (keyword tensors in, an object
-    with last_hidden_state out), so the Encoder's own batching, pooling and normalisation run around it."""
-
-    def __init__(self, model: torch.nn.Module, path: Path, threads: int) -> None:
-        import onnxruntime
-
-        names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.config.type_vocab_size > 1 else [])
-        example = tuple(torch.ones(1, 8, dtype=torch.long) for _ in names)
-        axes = {name: {0: "batch", 1: "tokens"} for name in [*names, "last_hidden_state"]}
-        torch.onnx.export(model, example, str(path), input_names=names, output_names=["last_hidden_state"],
-                          dynamic_axes=axes, dynamo=False)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.names = names
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def __call__(self, **batch: torch.Tensor) -> SimpleNamespace:
-        """One forward: the last hidden state as a torch tensor."""
-        (hidden,) = self.session.run(["last_hidden_state"], {n: batch[n].numpy() for n in self.names})
-        return SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
-
-
-def make_encoder(name: str, cache: Path) -> Encoder | None:
-    """The variant's Encoder; None (with a printed reason) for an onnx variant without onnxruntime installed."""
-    encoder = Encoder(EncoderConfig(**VARIANTS[name]))  # type: ignore[arg-type]
-    if name.startswith("onnx"):
-        if importlib.util.find_spec("onnxruntime") is None:
-            print(f"{name:<14} skipped: onnxruntime is not installed (pip install onnxruntime)", flush=True)
-            return None
-        cache.mkdir(parents=True, exist_ok=True)
-        threads = encoder.config.cpu_threads or CORES
-        encoder.query_model = OnnxForward(encoder.model, cache / "query_encoder.onnx", threads)  # type: ignore[assignment]
-    return encoder
 
 
 def prepare(cache: Path, passages: int) -> Path:
@@ -130,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     index_dir = Path(args.index) if args.index else prepare(Path(args.cache_dir), 2000)
     questions = questions_of(index_dir, args.queries)
     index = faiss.read_index(str(index_dir / INDEX_FILE))
-    reference = Encoder(EncoderConfig(cpu_threads=CORES, cpu_query_dtype="float32")).encode_queries(questions)
+    reference = Encoder(EncoderConfig(**VARIANTS["fp32"])).encode_queries(questions)  # type: ignore[arg-type]
     rows = []
     for name in args.variants:
         started = time.perf_counter()
-        encoder = make_encoder(name, Path(args.cache_dir))
-        if encoder is None:
+        if VARIANTS[name].get("cpu_runtime") == "onnxruntime" and not onnxruntime_available():
+            print(f"{name:<14} skipped: onnxruntime is not installed (pip install onnxruntime onnx)", flush=True)
             continue
+        encoder = Encoder(EncoderConfig(**VARIANTS[name]))  # type: ignore[arg-type]
         vectors = encoder.encode_queries(questions)
         setup_s = time.perf_counter() - started
         same, cosine = agreement(index, reference, vectors)

@@ -160,7 +160,8 @@ def serve_parser() -> tuple[argparse.ArgumentParser, ConfigFlags]:
               names={"micro_batch_max_size": "--max-batch", "micro_batch_max_wait_ms": "--max-wait-ms",
                      "micro_batch_workers": "--batch-workers"})
     flags.add(EncoderConfig, "encoder", ["name_or_path", "device", "cpu_threads", "fp16", "query_max_length",
-                                         "query_batch_size", "cpu_query_dtype", "cpu_compile"],
+                                         "query_batch_size", "cpu_runtime", "cpu_query_dtype",
+                                         "cpu_compile"],
               names={"name_or_path": "--encoder"}, defaults={"name_or_path": "the encoder recorded in the index"})
     return parser, flags
 

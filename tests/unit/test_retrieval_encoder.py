@@ -18,7 +18,8 @@ TEXTS = ['"Teboara"\nTeboara is a city in Vruaria on the river Dreindou.', "shor
 
 @pytest.fixture(scope="module")
 def minilm() -> Encoder:
-    return Encoder(EncoderConfig(device="cpu", cpu_query_dtype="float32"))  # the exact path; bf16 is tested below
+    # The exact path; bf16 and ONNX Runtime query forwards are tested against it below.
+    return Encoder(EncoderConfig(device="cpu", cpu_runtime="torch", cpu_query_dtype="float32"))
 
 
 def linked_copy(target: Path, pooling: dict | None = None) -> Path:
@@ -47,7 +48,7 @@ def test_vectors_are_unit_float32_and_batching_keeps_order(minilm: Encoder) -> N
 
 def test_e5_name_adds_query_and_passage_prefixes(minilm: Encoder, tmp_path: Path) -> None:
     e5_like = Encoder(EncoderConfig(name_or_path=str(linked_copy(tmp_path / "my-e5-small")), device="cpu",
-                                    cpu_query_dtype="float32"))
+                                    cpu_runtime="torch", cpu_query_dtype="float32"))
     assert e5_like.is_e5 and not minilm.is_e5
     np.testing.assert_allclose(
         e5_like.encode_queries(["who founded Teboara?"]), minilm.encode_queries(["query: who founded Teboara?"]),
@@ -61,7 +62,7 @@ def test_e5_name_adds_query_and_passage_prefixes(minilm: Encoder, tmp_path: Path
 
 def test_pooling_follows_the_sentence_transformers_config(tmp_path: Path) -> None:
     cls_folder = linked_copy(tmp_path / "cls-pooled", pooling={"pooling_mode_cls_token": True})
-    encoder = Encoder(EncoderConfig(name_or_path=str(cls_folder), device="cpu"))
+    encoder = Encoder(EncoderConfig(name_or_path=str(cls_folder), device="cpu", cpu_runtime="torch"))
     assert encoder.pooling == "cls"
     with torch.inference_mode():
         batch = encoder.tokenizer([TEXTS[0]], return_tensors="pt")
@@ -76,25 +77,49 @@ def test_query_chunks_in_length_order_match_one_by_one(minilm: Encoder) -> None:
     batched = minilm.encode_queries(queries)
     one_by_one = np.concatenate([minilm.encode_queries([q]) for q in queries])
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
-    whole = Encoder(EncoderConfig(device="cpu", query_batch_size=0, cpu_query_dtype="float32")).encode_queries(queries)  # one padded forward
-    np.testing.assert_allclose(whole, one_by_one, atol=1e-5)
+    whole = Encoder(EncoderConfig(device="cpu", query_batch_size=0, cpu_runtime="torch", cpu_query_dtype="float32"))
+    np.testing.assert_allclose(whole.encode_queries(queries), one_by_one, atol=1e-5)  # one padded forward
 
 
-def test_bf16_query_forward_keeps_top1_agreement_and_fp32_passages(minilm: Encoder, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["bf16", "onnxruntime"])
+def test_fast_query_forwards_keep_top1_agreement_and_fp32_passages(minilm: Encoder, tmp_path: Path,
+                                                                   variant: str) -> None:
     # A small real sample: 150 passages of the synthetic world and its questions, passages encoded in fp32 as an
-    # index is; the top-1 passage of each question with bf16 query forwards against fp32 ones (the goal is 99 %).
+    # index is; the top-1 passage of each question with bf16 (torch) or fp32 ONNX Runtime query forwards against the
+    # fp32 torch ones (the goal is 99 %).
     generate_world(tmp_path, seed=0, num_passages=150)
     passages = [json.loads(line)["contents"] for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
     questions = [json.loads(line)["question"] for line in (tmp_path / "train.jsonl").read_text().splitlines()][:100]
-    bf16 = Encoder(EncoderConfig(device="cpu", cpu_query_dtype="bfloat16"))
-    assert next(bf16.query_model.parameters()).dtype == torch.bfloat16
+    if variant == "bf16":
+        fast_encoder = Encoder(EncoderConfig(device="cpu", cpu_runtime="torch", cpu_query_dtype="bfloat16"))
+        assert next(fast_encoder.query_model.parameters()).dtype == torch.bfloat16
+    else:
+        fast_encoder = Encoder(EncoderConfig(device="cpu", cpu_runtime="onnxruntime", cpu_query_dtype="float32"))
+        assert fast_encoder.runtime == "onnxruntime"
+        assert type(fast_encoder.small_batch_model).__name__ == "OnnxForward"
     vectors = minilm.encode_passages(passages)
-    np.testing.assert_allclose(bf16.encode_passages(passages[:8]), vectors[:8], atol=1e-5)  # index side stays fp32
-    reference, fast = minilm.encode_queries(questions), bf16.encode_queries(questions)
+    np.testing.assert_allclose(fast_encoder.encode_passages(passages[:8]), vectors[:8], atol=1e-5)  # index: fp32
+    reference = minilm.encode_queries(questions)
+    if variant == "bf16":
+        fast = fast_encoder.encode_queries(questions)
+    else:  # one client's requests: forwards of 1, 3 and 2 queries, all ONNX Runtime (larger ones run in torch)
+        fast = np.concatenate([fast_encoder.encode_queries([q]) for q in questions[:50]]
+                              + [fast_encoder.encode_queries(questions[k:k + 3]) for k in range(50, 98, 3)]
+                              + [fast_encoder.encode_queries(questions[98:])])
     assert fast.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
     same = np.argmax(reference @ vectors.T, axis=1) == np.argmax(fast @ vectors.T, axis=1)
     assert same.mean() >= 0.99
+    if variant == "onnxruntime":  # the same fp32 arithmetic, reordered: equal to rounding
+        np.testing.assert_allclose(fast, reference, atol=1e-4)
+
+
+def test_auto_runtime_is_onnxruntime_where_installed() -> None:
+    from retrieval_service.encoder import query_runtime_on_cpu
+    from retrieval_service.onnx_forward import onnxruntime_available
+
+    assert query_runtime_on_cpu("auto") == ("onnxruntime" if onnxruntime_available() else "torch")
+    assert query_runtime_on_cpu("torch") == "torch"
 
 
 def test_auto_query_dtype_follows_the_cpu_flags(tmp_path: Path) -> None:
