@@ -5,8 +5,8 @@ agreement of the retrieval it gives with the fp32 encoder (all cores) over a rea
 
 Each variant is the service's own Encoder under an EncoderConfig (cpu_runtime, cpu_threads, cpu_query_dtype,
 cpu_compile), so what is measured is what `research serve` runs; the `onnx` variants (encoder.cpu_runtime
-onnxruntime, the default where it is installed) are skipped with a line saying so without ONNX Runtime. Agreement: the share of queries whose top-1 passage (faiss Flat over
-the index's fp32 passage vectors) is the same as with the fp32 encoder; also the lowest cosine between the two
+onnxruntime, the default where it is installed) are skipped with a line saying so without ONNX Runtime. Agreement:
+the share of queries whose top-1 passage (faiss Flat over the index's fp32 passage vectors) is the same as with the fp32 encoder; also the lowest cosine between the two
 query vectors. The index defaults to a 2,000-passage synthetic world built once under --cache-dir.
 """
 

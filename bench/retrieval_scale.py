@@ -338,8 +338,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:  # after every index, so an interrupted run keeps what it measured
             Path(args.json).write_text(json.dumps({"figures": [asdict(f) for f in figures]}, indent=1))
 
-    if args.json:
-        Path(args.json).write_text(json.dumps({"figures": [asdict(f) for f in figures]}, indent=1))
     print(f"whole run {time.perf_counter() - started:.0f} s")
     report(figures, questions)
     return 0

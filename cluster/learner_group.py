@@ -11,10 +11,10 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.rollout_pool import ACTOR_GONE
 from cluster.storage import check_marker_on_nodes
 from cluster.waiting import wait_logged
 from learner.config import LearnerConfig
@@ -65,7 +65,7 @@ class LearnerGroup:
         for actor in self.actors:
             try:
                 ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
-            except (RayActorError, ActorDiedError, ActorUnavailableError):
+            except ACTOR_GONE:
                 return True
             except ray.exceptions.GetTimeoutError:
                 continue

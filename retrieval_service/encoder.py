@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from retrieval_service.config import DEFAULT_ENCODER, EncoderConfig
+from retrieval_service.onnx_forward import onnxruntime_available
 
 _PACKAGED_NAMES = {DEFAULT_ENCODER.lower(), f"sentence-transformers/{DEFAULT_ENCODER}".lower()}
 _POOLING_KEYS = {
@@ -88,14 +89,9 @@ def query_dtype_on_cpu(setting: str) -> str:
 def query_runtime_on_cpu(setting: str) -> str:
     """What runs query forwards on CPU: 'auto' is ONNX Runtime where it is installed, else PyTorch."""
     if setting == "auto":
-        from retrieval_service.onnx_forward import onnxruntime_available
-
         return "onnxruntime" if onnxruntime_available() else "torch"
-    if setting == "onnxruntime":
-        from retrieval_service.onnx_forward import onnxruntime_available
-
-        if not onnxruntime_available():
-            raise ValueError("encoder.cpu_runtime=onnxruntime needs `pip install onnxruntime onnx`")
+    if setting == "onnxruntime" and not onnxruntime_available():
+        raise ValueError("encoder.cpu_runtime=onnxruntime needs `pip install onnxruntime onnx`")
     return setting
 
 
@@ -182,7 +178,7 @@ class Encoder:
                     fill = pad_id if name == "input_ids" else 0
                     rows = [encoded[name][i] + [fill] * (width - len(encoded[name][i])) for i in idx]
                     batch[name] = torch.tensor(rows, dtype=torch.long, device=self.device)
-                forward = small_batch_model if small_batch_model and len(idx) <= ONNX_MAX_ROWS else model
+                forward = small_batch_model if small_batch_model is not None and len(idx) <= ONNX_MAX_ROWS else model
                 hidden = forward(**batch).last_hidden_state.float()  # pooled in fp32 whatever the forward ran in
                 pooled = self._pool(hidden, batch["attention_mask"])
                 pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
