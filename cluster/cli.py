@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import logging
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -60,6 +61,14 @@ def fail(prog: str, message: object) -> int:
         message = f"{message.filename}: {message.strerror}"
     print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
+
+
+def log_progress(fmt: str) -> None:
+    """INFO logging for a long-running command, minus the line per HTTP request that httpx logs at INFO (the warm
+    start's and the pool filter's searches run in the driver: hundreds of them)."""
+    logging.basicConfig(level=logging.INFO, format=fmt)
+    for library in ("httpx", "httpcore"):
+        logging.getLogger(library).setLevel(logging.WARNING)
 
 
 def positive_int(text: str) -> int:

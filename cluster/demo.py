@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 import time
 
@@ -25,7 +24,7 @@ console = Console()
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo stages and print what each did."""
-    from cluster.cli import CommandParser, fail
+    from cluster.cli import CommandParser, fail, log_progress
     from cluster.config import ConfigError, check_paths
 
     parser = CommandParser("research demo", "Run the whole method on this machine: synthetic world, faiss index, "
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(config)
     except ConfigError as error:
         return fail(parser.prog, error)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # the driver's step lines
+    log_progress("%(asctime)s %(name)s %(message)s")  # the driver's step lines
     run_dir = config.resolved_run_dir()
     timings: dict[str, float] = {}
 

@@ -412,7 +412,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `research eval` and `python -m cluster.eval`."""
-    from cluster.cli import fail
+    from cluster.cli import fail, log_progress
     from cluster.config import check_paths
 
     parser = _parser()
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         check_meta(out_dir, eval_meta(config, model), args.restart)
     except (ConfigError, ValueError, OSError) as error:
         return fail(parser.prog, error)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_progress("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.restart:
         for benchmark in benchmarks:
             (out_dir / benchmark.name / RECORDS).unlink(missing_ok=True)

@@ -101,10 +101,11 @@ class Finished:
         return int(self.batch.column("policy_version")[0].as_py())
 
 
-def zero_variance(batch: pa.RecordBatch) -> bool:
-    """Whether every trajectory of the group got the same reward (its GRPO advantages are all 0)."""
-    rewards = batch.column("reward").to_pylist()
-    return max(rewards) - min(rewards) < 1e-12
+def zero_variance(batch: pa.RecordBatch, metric: str = "reward") -> bool:
+    """Whether every trajectory of the group has the same `metric`: "reward" (its GRPO advantages are all 0) or "f1"
+    (every answer equally right: the rewards may still differ, but only by format)."""
+    values = batch.column(metric).to_pylist()
+    return max(values) - min(values) < 1e-12
 
 
 def sync_outcome(sends: dict[str, str], loads: dict[int, str]) -> tuple[bool, list[int]]:
@@ -237,12 +238,13 @@ class RolloutPool:
 
     # ---- the producer -------------------------------------------------------------------------------------------
     async def produce(self, stream: PromptStream, questions: list[Question], batch_size: int, max_staleness: int,
-                      dynamic_sampling_draws: int = 0) -> None:
+                      dynamic_sampling_draws: int = 0, dynamic_sampling_metric: str = "reward") -> None:
         """Keep generating groups for `stream` into `buffer` until the stream runs dry; cancel to stop.
 
         Admission: groups in flight + buffered + being trained stay within (max_staleness + 1) x batch_size.
-        `dynamic_sampling_draws` > 0 drops zero-variance groups (their prompts count as used) until
-        (draws - 1) x batch_size of them went in one step; past that they are kept, so a step always completes.
+        `dynamic_sampling_draws` > 0 drops groups whose `dynamic_sampling_metric` does not vary (their prompts count
+        as used) until (draws - 1) x batch_size of them went in one step; past that they are kept, so a step always
+        completes.
         """
         window = (max_staleness + 1) * batch_size
         self.error = None
@@ -259,21 +261,23 @@ class RolloutPool:
                 wake.cancel()
                 for future in done & self._pending:
                     self._pending.discard(future)
-                    await self._receive(future.result(), stream, batch_size, dynamic_sampling_draws)
+                    await self._receive(future.result(), stream, batch_size, dynamic_sampling_draws,
+                                        dynamic_sampling_metric)
                 self._changed.set()  # wakes a `take` waiting for groups
         except BaseException as error:
             self.error = error  # `take` raises it: a learner that failed in a sync the producer asked for, say
             self._changed.set()
             raise
 
-    async def _receive(self, finished: Finished, stream: PromptStream, batch_size: int, draws: int) -> None:
+    async def _receive(self, finished: Finished, stream: PromptStream, batch_size: int, draws: int,
+                       metric: str = "reward") -> None:
         if finished.batch is None:
             stream.requeue(finished.item)  # its rollout failed: the prompt goes round again
             if finished.actor_died:
                 self.replace_dead(finished.actor_id)
                 await asyncio.to_thread(self.sync_weights)  # the replacement gets weights before any work
             return
-        if draws > 0 and zero_variance(finished.batch) and self._drops_this_step < (draws - 1) * batch_size:
+        if draws > 0 and zero_variance(finished.batch, metric) and self._drops_this_step < (draws - 1) * batch_size:
             stream.consume(finished.item)
             self.dropped.append(finished.item)
             self._drops_this_step += 1

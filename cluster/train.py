@@ -165,7 +165,7 @@ class Trainer:
         while True:
             producer = asyncio.ensure_future(self.pool.produce(
                 self.stream, self.train_questions, self.config.trainer.batch_size, self.config.trainer.max_staleness,
-                self._dynamic_sampling_draws()))
+                self._dynamic_sampling_draws(), self.config.learner.grpo.dynamic_sampling_metric))
             loop = asyncio.ensure_future(self._step_loop())
             await asyncio.wait({loop, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not loop.done() and self.updating:  # a step boundary comes first: the update may finish in the grace
@@ -433,7 +433,7 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `research train` and `python -m cluster.train`."""
-    from cluster.cli import CommandParser, fail
+    from cluster.cli import CommandParser, fail, log_progress
     from cluster.config import check_paths
 
     parser = CommandParser("research train", "Run a training job (GRPO with search) on a local Ray cluster, or on "
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = config.resolved_run_dir()
     if args.resume and not (run_dir / "checkpoints").is_dir():
         return fail(parser.prog, f"--resume needs checkpoints under {run_dir}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log_progress("%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         connect_ray(args.address)
     except ConnectionError as error:  # no Ray cluster at --address / $RAY_ADDRESS

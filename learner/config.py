@@ -55,6 +55,12 @@ class GRPOConfig(BaseModel):
         "dropped and its prompt counted as used; fresh prompts replace it. Off in the paper presets (the reference "
         "trains on every group).",
     )
+    dynamic_sampling_metric: Literal["reward", "f1"] = Field(
+        "reward", description="With dynamic_sampling, what must vary within a group for it to be kept: 'reward', or "
+        "'f1' (the answers' F1, as DAPO filters on accuracy: verl's filter_groups.metric 'acc'), which also drops "
+        "groups of all-wrong answers whose rewards differ only by format (0 invalid vs 0.1 valid): after the "
+        "division by the group's std those teach format as strongly as a right answer teaches answering.",
+    )
     dynamic_sampling_max_draws: int = Field(
         3, ge=1, description="With dynamic_sampling, a step drops at most (max_draws - 1) x batch_size groups; past "
         "that, zero-variance groups are trained on, so a step always completes.",

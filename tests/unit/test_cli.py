@@ -241,3 +241,15 @@ def test_index_refuses_a_bad_factory_before_encoding(tmp_path: Path, capsys) -> 
         line = one_line_error(code, err)
         assert f"--factory '{factory}'" in line and "384-d" in line and reason in line
         assert not (tmp_path / "index" / "build").exists()  # nothing was encoded
+
+
+def test_long_running_commands_log_progress_without_a_line_per_http_request() -> None:
+    """httpx logs every request at INFO; the driver's searches (warm start, pool filter) made hundreds of lines."""
+    script = ("import logging, httpx\n"
+              "from cluster.cli import log_progress\n"
+              "log_progress('%(name)s %(message)s')\n"
+              "httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200))).get('http://retrieval/')\n"
+              "logging.getLogger('research.train').info('step 1: reward 0.5')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert "research.train step 1: reward 0.5" in done.stderr
+    assert "HTTP Request" not in done.stderr

@@ -13,10 +13,11 @@ from cluster.data_stream import PromptItem, PromptStream
 from cluster.rollout_pool import ACTOR_GONE, Finished, RolloutPool, sync_outcome, zero_variance
 
 
-def group(rewards: list[float], version: int = 0) -> pa.RecordBatch:
-    """One scored group with these rewards."""
-    return to_record_batch([Trajectory("p", i, version, [5, 6], [7, 8], [1, 1], [-1.0, -1.0], reward=r)
-                            for i, r in enumerate(rewards)])
+def group(rewards: list[float], version: int = 0, f1: list[float] | None = None) -> pa.RecordBatch:
+    """One scored group with these rewards (and answer F1s, 0 unless given)."""
+    f1 = f1 or [0.0] * len(rewards)
+    return to_record_batch([Trajectory("p", i, version, [5, 6], [7, 8], [1, 1], [-1.0, -1.0], reward=r, f1=f)
+                            for i, (r, f) in enumerate(zip(rewards, f1, strict=True))])
 
 
 def receive(pool: RolloutPool, stream: PromptStream, rewards: list[float], draws: int) -> PromptItem:
@@ -49,6 +50,23 @@ def test_without_dynamic_sampling_every_group_is_kept() -> None:
 
 def test_zero_variance_reads_the_rewards() -> None:
     assert zero_variance(group([0.3, 0.3])) and not zero_variance(group([0.3, 0.31]))
+
+
+def test_on_f1_a_group_whose_rewards_differ_only_by_format_is_dropped() -> None:
+    """All answers wrong, one format invalid (0 vs 0.1): kept on 'reward' (the std division would make it teach
+    format at full strength), dropped on 'f1'; a group with a right answer is kept on both."""
+    format_only, answered = ([0.0, 0.1, 0.1], [0.0, 0.0, 0.0]), ([0.1, 1.0, 0.0], [0.0, 1.0, 0.0])
+    assert not zero_variance(group(*format_only[:1], f1=format_only[1]))
+    assert zero_variance(group(format_only[0], f1=format_only[1]), "f1")
+    assert not zero_variance(group(answered[0], f1=answered[1]), "f1")
+    assert zero_variance(group([1.0, 1.0], f1=[1.0, 1.0]), "f1")  # all right: nothing to contrast either
+    for metric, kept in (("reward", 2), ("f1", 1)):
+        pool, stream = RolloutPool(make_actor=None, learner=None), PromptStream(10, 1, seed=0)
+        for rewards, f1 in (format_only, answered):
+            item = stream.next()
+            assert item is not None
+            asyncio.run(pool._receive(Finished(item, 0, group(rewards, f1=f1)), stream, 2, 3, metric))
+        assert len(pool.buffer) == kept and len(pool.dropped) == 2 - kept
 
 
 def test_sync_outcome_restores_a_learner_and_replaces_only_engines_that_died_or_hang() -> None:
