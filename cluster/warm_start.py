@@ -42,7 +42,7 @@ import pyarrow as pa
 from actors.prompts import RESULT_TEMPLATE, build_prompt_ids
 from actors.trajectory import Trajectory, to_record_batch
 from cluster.config import JobConfig
-from learner.config import LearnerConfig
+from learner.config import GRPOConfig, LearnerConfig
 
 log = logging.getLogger("research.warm_start")
 WARM_DIR = "warm"
@@ -239,10 +239,12 @@ def build_expert_trajectories(config: JobConfig, questions: list[ExpertQuestion]
 def supervised_learner_config(config: JobConfig) -> LearnerConfig:
     """The job's learner turned into the NLL step described in the module docstring (advantage 1 is in the data)."""
     warm = config.warm_start
-    grpo = config.learner.grpo.model_copy(update={
-        "kl_coef": 0.0, "entropy_coef": 0.0, "old_logprobs": "recompute", "decoupled": False, "temperature": 1.0,
-        "agg": "token-mean", "micro_batch_weight": "tokens",  # the NLL of the whole batch, whatever the micro-batches
-    })
+    # A fresh objective, not the job's: nothing of the RL step's (clip, KL, dynamic sampling ...) changes this NLL
+    # step, so none of it may change the warm start's cache key either (a rebuild costs ~8 minutes on learn-cpu).
+    grpo = GRPOConfig(
+        kl_coef=0.0, entropy_coef=0.0, old_logprobs="recompute", decoupled=False, temperature=1.0,
+        agg="token-mean", micro_batch_weight="tokens",  # the NLL of the whole batch, whatever the micro-batches
+    )
     return config.learner.model_copy(update={
         "world_size": 1, "cpus_per_rank": warm.cpus, "lr": warm.lr, "lr_schedule": "constant", "mini_batches": 1,
         "ppo_epochs": 1, "grpo": grpo,

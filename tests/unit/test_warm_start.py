@@ -19,6 +19,7 @@ from cluster.models import tiny_policy_dir
 from cluster.warm_start import (
     ExpertQuestion,
     as_training_table,
+    cache_key,
     expert_query,
     expert_trajectory,
     masked_nll,
@@ -147,6 +148,21 @@ def test_supervised_config_is_the_nll_special_case() -> None:
     assert (learner.grpo.kl_coef, learner.grpo.entropy_coef, learner.grpo.old_logprobs) == (0.0, 0.0, "recompute")
     assert (learner.mini_batches, learner.ppo_epochs, learner.lr) == (1, 1, config.warm_start.lr)
     assert not load_config("qwen2.5-7b-instruct", []).warm_start.enabled
+
+
+def test_the_warm_start_cache_key_ignores_what_only_the_rl_steps_read(tmp_path: Path) -> None:
+    """Changing the RL steps (their lr, the GRPO objective, dynamic sampling, sampling, step count, engine) must not
+    rebuild the warm start; its own settings and the retrieval its experts read must."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("{}\n")
+    base = cache_key(load_config("learn-cpu", []), "smollm2", train)
+    for override in ("learner.lr=1e-4", "learner.grpo.clip=0.3", "learner.grpo.kl_coef=0.01",
+                     "learner.grpo.dynamic_sampling=false", "learner.grpo.dynamic_sampling_max_draws=7",
+                     "learner.grpo.dynamic_sampling_metric=reward", "rollout.sampling.max_turns=4",
+                     "trainer.max_steps=3", "rollout.engine.cpu_kvcache_gb=2"):
+        assert cache_key(load_config("learn-cpu", [override]), "smollm2", train) == base, override
+    for override in ("warm_start.lr=1e-4", "warm_start.batch_size=8", "retrieval.topk=3"):
+        assert cache_key(load_config("learn-cpu", [override]), "smollm2", train) != base, override
 
 
 def test_grpo_surrogate_with_unit_advantage_has_the_nll_gradient(world: Path, tokenizer) -> None:  # noqa: ANN001
