@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from retrieval_service.config import cache_root  # the one rule for the cache, shared with the service
+
 SMOLLM2_NAME = "smollm2-135m-instruct"
 TINY_NAME = "tiny-random-qwen2"
 TAG_TOKENS = ("<think>", "</think>", "<search>", "</search>", "<result>", "</result>", "<answer>", "</answer>")
@@ -23,11 +25,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-def cache_root() -> Path:
-    """Where converted and generated models live: $RESEARCH_CACHE or ~/.cache/research-rl."""
-    return Path(os.environ.get("RESEARCH_CACHE", Path.home() / ".cache" / "research-rl"))
 
 
 @contextlib.contextmanager

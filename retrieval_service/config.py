@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -9,6 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 TOKEN_ENV = "RESEARCH_RETRIEVAL_TOKEN"
 """The environment variable that holds the service's bearer token (server and clients read it)."""
+
+
+def cache_root() -> Path:
+    """The project's cache: $RESEARCH_CACHE or ~/.cache/research-rl (models, worlds and warm starts under cluster/,
+    the retrieval service's ONNX exports). Defined here because role packages may not import the driver."""
+    return Path(os.environ.get("RESEARCH_CACHE", Path.home() / ".cache" / "research-rl"))
 
 
 class EncoderConfig(BaseModel):

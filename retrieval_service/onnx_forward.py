@@ -18,6 +18,8 @@ from types import SimpleNamespace
 
 import torch
 
+from retrieval_service.config import cache_root
+
 
 def onnxruntime_available() -> bool:
     """Whether ONNX Runtime and the exporter's `onnx` package are installed."""
@@ -37,8 +39,8 @@ class _Positional(torch.nn.Module):
 
 
 def export_cache_dir() -> Path:
-    """Where exported encoders are kept: $RESEARCH_CACHE/onnx (the project's cache root, ~/.cache/research-rl)."""
-    return Path(os.environ.get("RESEARCH_CACHE", Path.home() / ".cache" / "research-rl")) / "onnx"
+    """Where exported encoders are kept: onnx/ under the project's cache root."""
+    return cache_root() / "onnx"
 
 
 def export_key(model_dir: Path, names: list[str]) -> str:
