@@ -52,15 +52,21 @@ FIRST_THOUGHTS = (
     "To answer this I have to look up {need}.",
     "I do not know {need}, so I will search.",
 )
-SECOND_THOUGHTS = (
-    "The search result says that the answer is {answer}.",
-    "According to the result, the answer is {answer}.",
-    "The result states it: {answer}.",
+# Every thought after a result opens by naming that result ("The first result", "The second result"), so that the
+# choice after the second one (answer) is cued by a token the policy copies from its own context, not by counting
+# <result> blocks. Without it the experts' 24:40 mix of answering and searching after a first result carried over to
+# the second: at T=1 on the RL pool the earlier warm start searched a third time after 40 of 71 second results
+# (bench/RESULTS.md, "Turn cap"), and under max_turns such a trajectory ends unanswered with reward 0, below a wrong
+# one-search answer's 0.1, which pushes GRPO away from the second search it should learn.
+ANSWER_THOUGHTS = (
+    "The {nth} result says that the answer is {answer}.",
+    "The {nth} result gives the answer: {answer}.",
+    "The {nth} result states it: {answer}.",
 )
 BRIDGE_THOUGHTS = (
-    "The result about {subject} names {bridge}. I still need {need}, so I will search for {bridge}.",
-    "According to the passage on {subject}, it is {bridge}. To find {need} I have to look up {bridge}.",
-    "From {subject} I get {bridge}, but not {need} yet. I will search for {bridge}.",
+    "The first result, about {subject}, names {bridge}. I still need {need}, so I will search for {bridge}.",
+    "The first result leads from {subject} to {bridge}. To find {need} I have to look up {bridge}.",
+    "The first result names {bridge}, but not {need} yet. I will search for {bridge}.",
 )
 NEEDS = {"city": "the city", "year": "the year", "organisation": "the organisation", "country": "the country",
          "person": "the person", "river": "the river"}
@@ -144,7 +150,8 @@ def expert_pieces(question: ExpertQuestion, rng: random.Random) -> list[str]:
     if question.bridge:
         bridge = rng.choice(BRIDGE_THOUGHTS).format(bridge=question.bridge, need=need, subject=question.subject)
         pieces.append(f"\n<think> {bridge} </think>\n<search> {question.bridge} </search>")
-    second = rng.choice(SECOND_THOUGHTS).format(answer=answer)
+    nth = "second" if question.bridge else "first"
+    second = rng.choice(ANSWER_THOUGHTS).format(nth=nth, answer=answer)
     pieces.append(f"\n<think> {second} </think>\n<answer> The final answer is \\[ \\boxed{{{answer}}} \\] </answer>")
     return pieces
 
@@ -302,6 +309,7 @@ def cache_key(config: JobConfig, policy_path: str, train_file: Path, excluded: S
         "retrieval": {"topk": config.retrieval.topk, "format": config.retrieval.result_format,
                       "encoder": config.retrieval.encoder.model_dump(mode="json"), "index": config.retrieval.index_dir},
         "learner": supervised_learner_config(config).model_dump(mode="json"), "excluded": sorted(excluded),
+        "thoughts": [FIRST_THOUGHTS, BRIDGE_THOUGHTS, ANSWER_THOUGHTS],
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -16,10 +16,12 @@ from actors.research_grammar import format_problem
 from actors.reward import reward_fn
 from cluster.config import load_config
 from cluster.models import tiny_policy_dir
+from cluster import warm_start
 from cluster.warm_start import (
     ExpertQuestion,
     as_training_table,
     cache_key,
+    expert_pieces,
     expert_query,
     expert_trajectory,
     masked_nll,
@@ -109,6 +111,25 @@ def test_two_hop_expert_searches_the_question_then_the_bridge(world: Path, token
         expert_trajectory(question, blocks[:1], tokenizer, "instruct", random.Random(0), reward_fn("research"))
 
 
+def test_each_thought_after_a_result_names_which_result_it_is(world: Path) -> None:
+    """The thought after the first result opens with "The first result" and after the second with "The second
+    result", in every variant: the choice to answer after two searches is cued by a token the policy can copy, and
+    after the first result the word that follows tells the 1-hop answer from the 2-hop bridge search."""
+    one_hop = training_questions(world / "train.jsonl")[0]
+    two_hop = training_questions(world / "train.jsonl", hops=2)[0]
+    after_first: dict[str, set[str]] = {"answer": set(), "bridge": set()}
+    for seed in range(30):
+        single = expert_pieces(one_hop, random.Random(seed))
+        double = expert_pieces(two_hop, random.Random(seed))
+        assert single[1].startswith("\n<think> The first result ") and "<answer>" in single[1]
+        assert double[1].startswith("\n<think> The first result") and "<search>" in double[1]
+        assert double[2].startswith("\n<think> The second result ") and "<answer>" in double[2]
+        after_first["answer"].add(single[1].split()[4])
+        after_first["bridge"].add(double[1].split()[4])
+    assert len(after_first["answer"]) == len(after_first["bridge"]) == 3
+    assert not after_first["answer"] & after_first["bridge"]
+
+
 def test_held_out_experts_are_drawn_across_hops_and_stop_the_warm_start(world: Path, tokenizer) -> None:  # noqa: ANN001
     """warm_start.held_out experts are kept out of training (seeded, from 1-hop and 2-hop alike); the held-out NLL
     floor stops the warm start, and 0 means no floor."""
@@ -150,7 +171,8 @@ def test_supervised_config_is_the_nll_special_case() -> None:
     assert not load_config("qwen2.5-7b-instruct", []).warm_start.enabled
 
 
-def test_the_warm_start_cache_key_ignores_what_only_the_rl_steps_read(tmp_path: Path) -> None:
+def test_the_warm_start_cache_key_ignores_what_only_the_rl_steps_read(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Changing the RL steps (their lr, the GRPO objective, dynamic sampling, sampling, step count, engine) must not
     rebuild the warm start; its own settings and the retrieval its experts read must."""
     train = tmp_path / "train.jsonl"
@@ -163,6 +185,9 @@ def test_the_warm_start_cache_key_ignores_what_only_the_rl_steps_read(tmp_path: 
         assert cache_key(load_config("learn-cpu", [override]), "smollm2", train) == base, override
     for override in ("warm_start.lr=1e-4", "warm_start.batch_size=8", "retrieval.topk=3"):
         assert cache_key(load_config("learn-cpu", [override]), "smollm2", train) != base, override
+    # the experts' wording is an input too: a cached warm start of older thoughts is not reused
+    monkeypatch.setattr(warm_start, "ANSWER_THOUGHTS", ("The {nth} result: {answer}.",))
+    assert cache_key(load_config("learn-cpu", []), "smollm2", train) != base
 
 
 def test_grpo_surrogate_with_unit_advantage_has_the_nll_gradient(world: Path, tokenizer) -> None:  # noqa: ANN001
