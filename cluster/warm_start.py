@@ -253,7 +253,8 @@ def supervised_learner_config(config: JobConfig) -> LearnerConfig:
         agg="token-mean", micro_batch_weight="tokens",  # the NLL of the whole batch, whatever the micro-batches
     )
     return config.learner.model_copy(update={
-        "world_size": 1, "cpus_per_rank": warm.cpus, "lr": warm.lr, "lr_schedule": "constant", "mini_batches": 1,
+        "world_size": 1, "cpus_per_rank": warm.cpus, "lr": warm.lr, "lr_schedule": "constant", "warmup_steps": 0,
+        "mini_batches": 1,
         "ppo_epochs": 1, "grpo": grpo,
     })
 

@@ -181,7 +181,8 @@ def test_the_warm_start_cache_key_ignores_what_only_the_rl_steps_read(tmp_path: 
     for override in ("learner.lr=1e-4", "learner.grpo.clip=0.3", "learner.grpo.kl_coef=0.01",
                      "learner.grpo.dynamic_sampling=false", "learner.grpo.dynamic_sampling_max_draws=7",
                      "learner.grpo.dynamic_sampling_metric=reward", "rollout.sampling.max_turns=4",
-                     "trainer.max_steps=3", "rollout.engine.cpu_kvcache_gb=2"):
+                     "trainer.max_steps=3", "rollout.engine.cpu_kvcache_gb=2", "learner.lr_schedule=warmup",
+                     "learner.warmup_steps=3"):
         assert cache_key(load_config("learn-cpu", [override]), "smollm2", train) == base, override
     for override in ("warm_start.lr=1e-4", "warm_start.batch_size=8", "retrieval.topk=3"):
         assert cache_key(load_config("learn-cpu", [override]), "smollm2", train) != base, override
