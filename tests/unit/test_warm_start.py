@@ -14,9 +14,9 @@ import torch
 from actors.prompts import RESULT_TEMPLATE, build_prompt_ids, format_passages
 from actors.research_grammar import format_problem
 from actors.reward import reward_fn
+from cluster import warm_start
 from cluster.config import load_config
 from cluster.models import tiny_policy_dir
-from cluster import warm_start
 from cluster.warm_start import (
     ExpertQuestion,
     as_training_table,
