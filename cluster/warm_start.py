@@ -254,8 +254,7 @@ def supervised_learner_config(config: JobConfig) -> LearnerConfig:
     )
     return config.learner.model_copy(update={
         "world_size": 1, "cpus_per_rank": warm.cpus, "lr": warm.lr, "lr_schedule": "constant", "warmup_steps": 0,
-        "mini_batches": 1,
-        "ppo_epochs": 1, "grpo": grpo,
+        "mini_batches": 1, "ppo_epochs": 1, "grpo": grpo,
     })
 
 
