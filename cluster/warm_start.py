@@ -309,7 +309,7 @@ def cache_key(config: JobConfig, policy_path: str, train_file: Path, excluded: S
         "retrieval": {"topk": config.retrieval.topk, "format": config.retrieval.result_format,
                       "encoder": config.retrieval.encoder.model_dump(mode="json"), "index": config.retrieval.index_dir},
         "learner": supervised_learner_config(config).model_dump(mode="json"), "excluded": sorted(excluded),
-        "thoughts": [FIRST_THOUGHTS, BRIDGE_THOUGHTS, ANSWER_THOUGHTS],
+        "thoughts": [FIRST_THOUGHTS, BRIDGE_THOUGHTS, ANSWER_THOUGHTS, NEEDS],
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

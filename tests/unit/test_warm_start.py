@@ -188,7 +188,10 @@ def test_the_warm_start_cache_key_ignores_what_only_the_rl_steps_read(tmp_path: 
         assert cache_key(load_config("learn-cpu", [override]), "smollm2", train) != base, override
     # the experts' wording is an input too: a cached warm start of older thoughts is not reused
     monkeypatch.setattr(warm_start, "ANSWER_THOUGHTS", ("The {nth} result: {answer}.",))
-    assert cache_key(load_config("learn-cpu", []), "smollm2", train) != base
+    reworded = cache_key(load_config("learn-cpu", []), "smollm2", train)
+    assert reworded != base
+    monkeypatch.setattr(warm_start, "NEEDS", {**warm_start.NEEDS, "city": "the town"})
+    assert cache_key(load_config("learn-cpu", []), "smollm2", train) not in (base, reworded)
 
 
 def test_grpo_surrogate_with_unit_advantage_has_the_nll_gradient(world: Path, tokenizer) -> None:  # noqa: ANN001
